@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine; each builds .venv when it is missing.
+#   make demo   the main job end to end on embedded defaults (CPU, local files)
+#   make test   the test suite (what CI runs through .ci/run)
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+WORKDIR ?= demo-work
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench venv clean
+
+venv: $(VENV)/.installed
+
+# torch is pinned through a pip.conf inside the venv, so no later `pip install`
+# in this environment can swap the local CPU wheel for a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	printf '[install]\nconstraint = %s\n' "$(abspath $(VENV))/constraints.txt" > $(VENV)/pip.conf
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/medssl demo --workdir $(WORKDIR)
+
+test: venv
+	$(VENV)/bin/python -m pytest -n 2 $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache
