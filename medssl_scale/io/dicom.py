@@ -1,0 +1,751 @@
+"""DICOM reader: discovery helpers and one series -> :class:`RawVolume`.
+
+The ingest runner calls, in this order:
+
+1. :func:`looks_like_dicom` on every file it discovers (cheap, no parsing);
+2. :func:`scan_header` in worker processes (header only, small picklable result);
+3. :func:`group_series` to turn headers into series (lists of paths);
+4. :func:`read_series` once per series.
+
+Hospital series arrive with shuffled file names, scrambled InstanceNumbers,
+oblique orientations, per-slice rescale, compressed pixels and the odd broken
+file; everything here is written against those. Slices are ordered by
+ImagePositionPatient along the slice normal and the affine is built from the
+geometry tags (never from file names or InstanceNumber).
+
+Reasons given in :class:`SkippedInput` / :class:`FailedInput` never contain
+header values other than UIDs, SOP class / transfer syntax names and numbers
+(spacings, sizes): they end up in manifests and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import PersonName
+
+from medssl_scale.io.types import MODALITIES, FailedInput, Limits, RawVolume, SkippedInput
+
+__all__ = [
+    "IDENTIFYING_KEYWORDS",
+    "DicomFileHeader",
+    "group_series",
+    "identifying_values",
+    "looks_like_dicom",
+    "quiet_pydicom",
+    "read_series",
+    "scan_header",
+]
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+# Direct identifiers (and free text that often carries them). Values of these
+# fields, plus every private text value, are what `identifying_values` returns.
+IDENTIFYING_KEYWORDS: tuple[str, ...] = (
+    # patient
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames",
+    "OtherPatientIDsSequence", "PatientBirthDate", "PatientBirthTime", "PatientBirthName",
+    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "PatientComments",
+    "MedicalRecordLocator", "MilitaryRank", "BranchOfService", "Occupation",
+    "AdditionalPatientHistory", "PatientInsurancePlanCodeSequence", "ResponsiblePerson",
+    "ResponsibleOrganization", "PersonName", "PersonAddress", "PersonTelephoneNumbers",
+    "CountryOfResidence", "RegionOfResidence", "AdmissionID", "IssuerOfAdmissionID",
+    # study / visit
+    "AccessionNumber", "StudyID", "StudyDescription", "SeriesDescription", "ImageComments",
+    "RequestedProcedureDescription", "RequestedProcedureID", "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID", "ScheduledProcedureStepDescription", "ScheduledProcedureStepID",
+    "ProtocolName", "DerivationDescription", "AcquisitionComments", "StudyComments",
+    "ReasonForStudy", "RequestedContrastAgent", "FillerOrderNumberImagingServiceRequest",
+    "PlacerOrderNumberImagingServiceRequest", "ContentCreatorName", "TextValue",
+    # people and places
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord",
+    "RequestingPhysician", "ScheduledPerformingPhysicianName", "OperatorsName",
+    "StationName", "DeviceSerialNumber",
+)
+
+# Non-identifying technical fields copied to RawVolume.meta (a whitelist).
+META_KEYWORDS: tuple[str, ...] = (
+    "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "KVP", "XRayTubeCurrent",
+    "ExposureTime", "SliceThickness", "ConvolutionKernel", "ReconstructionDiameter",
+    "MagneticFieldStrength", "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle",
+    "ScanningSequence", "SequenceVariant", "MRAcquisitionType", "EchoTrainLength",
+    "ImagingFrequency", "ImagedNucleus", "PixelBandwidth",
+)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CODE_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+_LOCALIZER_TYPES = {"LOCALIZER", "SCOUT"}
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+# Tolerances. DICOM stores geometry as decimal strings, so exact equality is
+# never expected; these are loose enough for print rounding, tight enough to
+# catch real inconsistencies.
+_ORIENTATION_TOL = 1e-3  # on direction cosines (about 0.06 degrees)
+_SAME_POSITION_MM = 1e-2
+_GRID_RESIDUAL = 0.1  # max distance of a slice from the uniform grid, in slice spacings
+
+
+@dataclass(frozen=True)
+class DicomFileHeader:
+    """What grouping needs from one file; no identifying value besides UIDs."""
+
+    path: str
+    series_uid: str | None
+    sop_instance_uid: str | None
+    sop_class_uid: str | None
+    modality: str | None
+    number_of_frames: int = 1
+    has_pixel_data: bool = True
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def looks_like_dicom(path: str | os.PathLike[str]) -> bool:
+    """'DICM' at offset 128, or a DICOM file suffix (files without a preamble)."""
+    p = Path(path)
+    if p.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def scan_header(path: str | os.PathLike[str]) -> DicomFileHeader:
+    """The header fields grouping needs; reading stops before the pixel data.
+
+    The whole header is parsed (not only these tags) so that a file cut short
+    inside its header is caught here, once, rather than at read time.
+    """
+    with quiet_pydicom():
+        ds, has_pixels = _read(path, header_only=True)
+        return DicomFileHeader(
+            path=str(path),
+            series_uid=_uid(ds, "SeriesInstanceUID"),
+            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+            sop_class_uid=_sop_class(ds),
+            modality=_text(ds, "Modality"),
+            number_of_frames=_int(ds, "NumberOfFrames", 1),
+            has_pixel_data=has_pixels,
+        )
+
+
+def group_series(headers: Sequence[DicomFileHeader]) -> list[list[str]]:
+    """Paths grouped by SeriesInstanceUID; a file without one is its own series.
+
+    Each series is sorted; series are ordered by their first path, so the
+    result does not depend on discovery or worker order.
+    """
+    by_uid: dict[str, list[str]] = {}
+    singles: list[list[str]] = []
+    for h in headers:
+        if h.series_uid:
+            by_uid.setdefault(h.series_uid, []).append(h.path)
+        else:
+            singles.append([h.path])
+    groups = [sorted(set(paths)) for paths in by_uid.values()] + singles
+    return sorted(groups, key=lambda g: g[0])
+
+
+# ---------------------------------------------------------------- identifiers
+
+
+def identifying_values(paths_or_dataset: Any) -> set[str]:
+    """String values of identifying fields and private text tags.
+
+    Accepts a path, an iterable of paths or a pydicom Dataset; a file that is
+    not readable raises FailedInput. The caller scrubs these from any text it
+    writes (reasons, logs), as defence in depth. Person names also contribute
+    their components, since text may quote them reformatted.
+    """
+    wanted = set(IDENTIFYING_KEYWORDS)
+    found: set[str] = set()
+    with quiet_pydicom():
+        if isinstance(paths_or_dataset, Dataset):
+            datasets = [paths_or_dataset]
+        else:
+            single = isinstance(paths_or_dataset, (str, os.PathLike))
+            paths = [paths_or_dataset] if single else paths_or_dataset
+            datasets = [_read(p, header_only=True)[0] for p in paths]
+        for ds in datasets:
+            for elem in ds.iterall():  # sequences included
+                private_text = elem.tag.is_private and elem.tag.element >= 0x100  # not creator ids
+                if elem.keyword in wanted or private_text:
+                    found.update(_strings(elem.value))
+    return {v for v in found if v}
+
+
+def _strings(value: Any) -> set[str]:
+    if value is None:
+        return set()
+    if isinstance(value, (list, tuple, MultiValue)):
+        return set().union(*(_strings(v) for v in value)) if value else set()
+    if isinstance(value, PersonName):
+        parts = {str(value).strip()}
+        parts.update(c.strip() for c in str(value).replace("=", "^").split("^") if len(c.strip()) > 1)
+        return parts
+    if isinstance(value, (bytes, bytearray)):
+        # Private tags read without a dictionary come back as raw bytes (VR UN).
+        text = bytes(value).rstrip(b"\x00 ").decode("latin-1")
+        return {text.strip()} if text.isprintable() and 0 < len(text) <= 1024 else set()
+    if isinstance(value, str):
+        return {value.strip()}
+    return set()
+
+
+# ---------------------------------------------------------------- read_series
+
+
+@dataclass
+class _Frame:
+    """One 2D plane: a single-frame file, or one frame of a multi-frame file."""
+
+    file: int  # index into the de-duplicated file list
+    frame: int | None  # frame index inside a multi-frame object
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # ImageOrientationPatient (row cosine, column cosine)
+    spacing: np.ndarray  # PixelSpacing: (between rows, between columns)
+    slope: float
+    intercept: float
+
+
+def read_series(paths: Sequence[str | os.PathLike[str]], limits: Limits) -> RawVolume:
+    """Read one series (single-frame files or enhanced multi-frame objects).
+
+    Pixels are decoded only after every header check passed, the size checked
+    against ``limits`` included.
+    """
+    if not paths:
+        raise FailedInput("empty series (no files)")
+    with quiet_pydicom():
+        files = sorted({str(p) for p in paths})
+        files, dss, has_pixels = _dedupe(files, [_read(p, header_only=True) for p in files])
+        _check_kind(dss, has_pixels)
+        dss, files, n_localizers = _drop_localizers(dss, files)
+        rows, cols = _check_same_size(dss)
+        n_frames = sum(_int(ds, "NumberOfFrames", 1) for ds in dss)
+        limits.check_shape((cols, rows, n_frames), "DICOM header")
+        if n_frames == 1:
+            raise SkippedInput("2D image (1 slice)")
+        ts = _check_transfer_syntaxes(dss)
+        enhanced = any(_is_multiframe(ds) for ds in dss)
+        frames = [f for i, ds in enumerate(dss) for f in _frames_of(i, ds)]
+        frames, affine = _sort_and_check_geometry(frames)
+        array = _decode(files, dss, frames, rows, cols)
+        meta = _meta(dss[0], ts, len(frames))
+        if n_localizers:
+            meta["LocalizersDropped"] = n_localizers
+        return RawVolume(
+            array=array,
+            affine=affine,
+            modality=_text(dss[0], "Modality"),
+            format="dicom-enhanced" if enhanced else "dicom",
+            identity=_identity(dss[0]),
+            meta=meta,
+        )
+
+
+def _dedupe(
+    files: list[str], headers: list[tuple[Dataset, bool]]
+) -> tuple[list[str], list[Dataset], list[bool]]:
+    """Drop exact duplicate instances (same SOPInstanceUID), keeping the first path."""
+    seen: set[str] = set()
+    keep = []
+    for i, (ds, _) in enumerate(headers):
+        uid = _uid(ds, "SOPInstanceUID")
+        if uid is None or uid not in seen:
+            keep.append(i)
+        if uid is not None:
+            seen.add(uid)
+    return [files[i] for i in keep], [headers[i][0] for i in keep], [headers[i][1] for i in keep]
+
+
+def _check_kind(dss: list[Dataset], has_pixels: list[bool]) -> None:
+    """Skip what we do not ingest: non-images, colour, other modalities."""
+    for ds, pixels in zip(dss, has_pixels):
+        if pixels and ("Rows" in ds and "Columns" in ds):
+            continue
+        name = _sop_class_name(ds)
+        if name.endswith("Image Storage"):
+            # An image object without pixels (or its size) was cut short on disk.
+            raise FailedInput(f"{name} object without pixel data or image size (file truncated?)")
+        raise SkippedInput(f"not an image ({name})")
+    samples = max(_int(ds, "SamplesPerPixel", 1) for ds in dss)
+    if samples > 1:
+        raise SkippedInput(f"colour image (SamplesPerPixel {samples})")
+    modalities = {_text(ds, "Modality") for ds in dss}
+    if len(modalities) > 1:
+        listed = ", ".join(sorted(_safe_code(m) for m in modalities))
+        raise FailedInput(f"series mixes modalities ({listed})")
+    (modality,) = modalities
+    if modality not in MODALITIES:
+        raise SkippedInput(f"unsupported modality {_safe_code(modality)}")
+
+
+def _drop_localizers(dss: list[Dataset], files: list[str]) -> tuple[list[Dataset], list[str], int]:
+    """Localizers (scouts) are not volumes; a series of only those is skipped."""
+    keep = [i for i, ds in enumerate(dss) if not _LOCALIZER_TYPES & set(_values(ds, "ImageType"))]
+    if not keep:
+        raise SkippedInput("localizer (scout) image")
+    return [dss[i] for i in keep], [files[i] for i in keep], len(dss) - len(keep)
+
+
+def _check_same_size(dss: list[Dataset]) -> tuple[int, int]:
+    sizes = {(_int(ds, "Rows", 0), _int(ds, "Columns", 0)) for ds in dss}
+    if len(sizes) > 1:
+        listed = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
+        raise FailedInput(f"slices have different rows x columns ({listed})")
+    ((rows, cols),) = sizes
+    if rows <= 0 or cols <= 0:
+        raise FailedInput(f"image has no pixels (rows x columns {rows}x{cols})")
+    return rows, cols
+
+
+def _check_transfer_syntaxes(dss: list[Dataset]) -> str:
+    """The transfer syntax name(s); fail before decoding if we cannot decode one."""
+    names = []
+    for ds in dss:
+        uid = _transfer_syntax(ds)
+        if uid is None:
+            continue  # no file meta: pydicom guessed an uncompressed syntax while parsing
+        if not _UID_RE.match(uid):
+            raise FailedInput("unsupported transfer syntax (not a valid UID)")
+        name = UID(uid).name
+        try:
+            available = get_decoder(uid).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise FailedInput(f"unsupported transfer syntax {uid} ({name})")
+        names.append(name)
+    return ", ".join(sorted(set(names))) or "unknown (no file meta)"
+
+
+def _is_multiframe(ds: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds or _int(ds, "NumberOfFrames", 1) > 1
+
+
+def _frames_of(index: int, ds: Dataset) -> list[_Frame]:
+    if not _is_multiframe(ds):
+        return [
+            _Frame(
+                file=index,
+                frame=None,
+                position=_vector(ds, "ImagePositionPatient", 3),
+                orientation=_vector(ds, "ImageOrientationPatient", 6),
+                spacing=_vector(ds, "PixelSpacing", 2),
+                slope=_float(ds, "RescaleSlope", 1.0),
+                intercept=_float(ds, "RescaleIntercept", 0.0),
+            )
+        ]
+    n = _int(ds, "NumberOfFrames", 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None:
+        raise FailedInput(f"multi-frame object ({_sop_class_name(ds)}) has no per-frame functional groups")
+    if len(per_frame) != n:
+        raise FailedInput(
+            f"multi-frame object declares {n} frames but has {len(per_frame)} per-frame groups"
+        )
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else Dataset()
+    frames = []
+    for k, item in enumerate(per_frame):
+
+        def group(seq: str, _item: Dataset = item) -> Dataset:
+            # Per-frame groups override shared ones (PS3.3 C.7.6.16).
+            for source in (_item, shared):
+                if source.get(seq):
+                    return source[seq][0]
+            return Dataset()
+
+        transform = group("PixelValueTransformationSequence")
+        frames.append(
+            _Frame(
+                file=index,
+                frame=k,
+                position=_vector(group("PlanePositionSequence"), "ImagePositionPatient", 3),
+                orientation=_vector(group("PlaneOrientationSequence"), "ImageOrientationPatient", 6),
+                spacing=_vector(group("PixelMeasuresSequence"), "PixelSpacing", 2),
+                slope=_float(transform, "RescaleSlope", 1.0),
+                intercept=_float(transform, "RescaleIntercept", 0.0),
+            )
+        )
+    return frames
+
+
+def _sort_and_check_geometry(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
+    """Order frames along the slice normal, validate spacing, build the RAS affine."""
+    orientation = frames[0].orientation
+    if any(np.abs(f.orientation - orientation).max() > _ORIENTATION_TOL for f in frames):
+        raise FailedInput("slices have different orientations (ImageOrientationPatient)")
+    spacing = frames[0].spacing
+    if any(np.abs(f.spacing - spacing).max() > 1e-3 * spacing.max() for f in frames):
+        raise FailedInput("slices have different pixel spacings")
+    if spacing.min() <= 0:
+        raise FailedInput("pixel spacing is not positive")
+    row_cos, col_cos = orientation[:3], orientation[3:]
+    if not (
+        abs(np.linalg.norm(row_cos) - 1) < 1e-2
+        and abs(np.linalg.norm(col_cos) - 1) < 1e-2
+        and abs(row_cos @ col_cos) < 1e-2
+    ):
+        raise FailedInput("ImageOrientationPatient is not two orthogonal unit vectors")
+    row_cos = row_cos / np.linalg.norm(row_cos)
+    col_cos = col_cos / np.linalg.norm(col_cos)
+    normal = np.cross(row_cos, col_cos)
+
+    proj = np.array([f.position @ normal for f in frames])
+    order = np.argsort(proj, kind="stable")
+    frames = [frames[i] for i in order]
+    proj = proj[order]
+    n = len(frames)
+    gaps = np.diff(proj)
+
+    n_positions = 1 + int(np.sum(gaps > _SAME_POSITION_MM))
+    if n_positions < n:
+        raise FailedInput(
+            f"{n} slices at only {n_positions} distinct positions "
+            "(several slices share a position: multi-echo, multi-phase or 4D series?)"
+        )
+    median = float(np.median(gaps))
+    ratios = gaps / median
+    missing = np.rint(ratios).astype(int) - 1
+    is_gap = (ratios > 1.5) & (np.abs(ratios - np.rint(ratios)) < 0.15)
+    if is_gap.any():
+        first = int(np.argmax(is_gap))
+        raise FailedInput(
+            f"missing slices: about {int(missing[is_gap].sum())} slice(s) missing in "
+            f"{int(is_gap.sum())} gap(s); first gap after slice {first + 1} of {n} "
+            f"({gaps[first]:.4g} mm where the median spacing is {median:.4g} mm)"
+        )
+
+    # Uniform grid from the first to the last slice (averages out the decimal
+    # rounding of positions); every slice must sit close to its grid point.
+    positions = np.array([f.position for f in frames])
+    step = (positions[-1] - positions[0]) / (n - 1)
+    residual = np.linalg.norm(positions - (positions[0] + np.outer(np.arange(n), step)), axis=1)
+    if residual.max() > _GRID_RESIDUAL * np.linalg.norm(step):
+        raise FailedInput(
+            f"inconsistent slice spacing (min {gaps.min():.4g} mm, max {gaps.max():.4g} mm)"
+        )
+
+    # Voxel (i, j, k) -> LPS: i walks along a row (row cosine, column spacing
+    # PixelSpacing[1]); j walks down the columns (column cosine, PixelSpacing[0]).
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacing[1]
+    lps[:3, 1] = col_cos * spacing[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    return frames, _LPS_TO_RAS @ lps
+
+
+def _decode(
+    files: list[str], headers: list[Dataset], frames: list[_Frame], rows: int, cols: int
+) -> np.ndarray:
+    """Decode pixels into (k, j, i) order, apply rescale, return as (i, j, k)."""
+    integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in frames)
+    if integral:
+        lo, hi = _output_range(headers, frames)
+        dtype = next(
+            (np.dtype(t) for t in (np.int16, np.uint16, np.int32, np.int64)
+             if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max),
+            np.dtype(np.int64),
+        )
+    else:
+        dtype = np.dtype(np.float32)
+    out = np.empty((len(frames), rows, cols), dtype=dtype)
+
+    by_file: dict[int, list[tuple[int, _Frame]]] = {}
+    for k, f in enumerate(frames):
+        by_file.setdefault(f.file, []).append((k, f))
+    for index, members in by_file.items():
+        pixels = _pixels(files[index], rows, cols)
+        for k, f in members:
+            plane = pixels[f.frame] if f.frame is not None else pixels[0]
+            if integral:
+                out[k] = plane.astype(np.int64) * int(f.slope) + int(f.intercept)
+            else:
+                out[k] = plane.astype(np.float64) * f.slope + f.intercept
+    # (k, j, i) C-order transposed is (i, j, k) without a copy.
+    return out.transpose(2, 1, 0)
+
+
+def _output_range(headers: list[Dataset], frames: list[_Frame]) -> tuple[int, int]:
+    """Range of rescaled values the stored bits allow (chooses an integer dtype)."""
+    lo, hi = 0, 0
+    for f in frames:
+        ds = headers[f.file]
+        bits = _int(ds, "BitsStored", _int(ds, "BitsAllocated", 16))
+        if _int(ds, "PixelRepresentation", 0) == 1:
+            raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        else:
+            raw = (0, 2**bits - 1)
+        values = [int(r) * int(f.slope) + int(f.intercept) for r in raw]
+        lo, hi = min(lo, *values), max(hi, *values)
+    return lo, hi
+
+
+def _pixels(path: str, rows: int, cols: int) -> np.ndarray:
+    """All frames of one file as (frames, rows, cols), after length checks."""
+    ds, _ = _read(path, header_only=False)
+    if "PixelData" not in ds:
+        raise SkippedInput(f"not an image ({_sop_class_name(ds)}; no pixel data)")
+    n = _int(ds, "NumberOfFrames", 1)
+    ts = _transfer_syntax(ds)
+    if ts is None or not UID(ts).is_compressed:
+        bits = _int(ds, "BitsAllocated", 16)
+        if bits not in (8, 16, 32, 64):
+            raise FailedInput(f"unsupported BitsAllocated {bits}")
+        expected = rows * cols * n * bits // 8
+        got = len(ds.PixelData)
+        # One trailing pad byte keeps odd-length values even (PS3.5 7.1.1).
+        if got not in (expected, expected + (expected % 2)):
+            hint = " (file truncated?)" if got < expected else ""
+            raise FailedInput(
+                f"pixel data length does not match the header (expected {expected} bytes, got {got}){hint}"
+            )
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # decoders raise many types; the reason names the syntax
+        name = UID(ts).name if ts and _UID_RE.match(ts) else "unknown transfer syntax"
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise FailedInput(f"cannot decode pixel data ({name}): {type(e).__name__}: {detail}") from None
+    arr = arr.reshape((n, rows, cols)) if arr.size == n * rows * cols else None
+    if arr is None:
+        raise FailedInput("decoded pixel data does not match rows x columns x frames")
+    return arr
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _meta(ds: Dataset, transfer_syntax: str, n_slices: int) -> dict[str, Any]:
+    # Enhanced objects keep technique fields in the shared functional group macros.
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    sources = [ds] + [
+        e.value[0] for e in (shared_seq[0] if shared_seq else []) if e.VR == "SQ" and e.value
+    ]
+    meta: dict[str, Any] = {}
+    for kw in META_KEYWORDS:
+        for source in sources:
+            value = _plain(source, kw)
+            if value is not None:
+                meta[kw] = value
+                break
+    meta["TransferSyntax"] = transfer_syntax
+    meta["SOPClass"] = _sop_class_name(ds)
+    meta["NumberOfSlices"] = n_slices
+    return meta
+
+
+def _plain(ds: Dataset, keyword: str) -> Any:
+    """A JSON-able copy of a whitelisted value, or None when absent or malformed."""
+    try:
+        elem = ds[keyword] if keyword in ds else None
+        value = elem.value if elem is not None else None
+    except Exception:  # malformed value that pydicom cannot convert
+        return None
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    out: list[Any] = []
+    for v in items:
+        if elem is not None and elem.VR in ("DS", "IS", "FL", "FD", "US", "SS", "UL", "SL"):
+            # Numeric fields: a string here is a malformed value pydicom kept raw.
+            if isinstance(v, (int, float)) and np.isfinite(v):
+                out.append(int(v) if isinstance(v, int) else float(v))
+        elif isinstance(v, str) and v.strip():
+            out.append(v.strip()[:64])  # capped: hostile headers
+    if not out:
+        return None
+    return out[0] if len(out) == 1 else out
+
+
+def _identity(ds: Dataset) -> dict[str, str]:
+    identity: dict[str, str] = {}
+    patient = _text(ds, "PatientID")
+    if not patient:
+        name, birth = _text(ds, "PatientName"), _text(ds, "PatientBirthDate")
+        patient = f"{name or ''}|{birth or ''}" if (name or birth) else None
+    for key, value in (
+        ("patient", patient),
+        ("study", _uid(ds, "StudyInstanceUID")),
+        ("series", _uid(ds, "SeriesInstanceUID")),
+    ):
+        if value:
+            identity[key] = value
+    return identity
+
+
+# ---------------------------------------------------------------- low level
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and log records: they can echo header values.
+
+    Records of pydicom's child loggers (the pixel decoders log failures with
+    tracebacks) stop at the "pydicom" logger, whose only handler is a NullHandler.
+    """
+    logger = logging.getLogger("pydicom")
+    saved = logger.disabled, logger.propagate
+    logger.disabled, logger.propagate = True, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled, logger.propagate = saved
+
+
+def _read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[Dataset, bool]:
+    """dcmread with library errors turned into FailedInput; also says if pixels follow.
+
+    Files without the 128-byte preamble (older or hand-made files) are retried
+    with ``force``; then the parse must have found a plausible header. pydicom
+    silently ends a dataset where the file ends, so truncation is checked here.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=header_only)
+            except InvalidDicomError:
+                f.seek(0)
+                ds = pydicom.dcmread(f, stop_before_pixels=header_only, force=True)
+                if _sop_class(ds) is None and _uid(ds, "SOPInstanceUID") is None:
+                    raise FailedInput("not readable as DICOM: no DICOM header found") from None
+                # force also "parses" garbage; converting every value flushes nonsense out.
+                for _ in ds.iterall():
+                    pass
+            # stop_before_pixels leaves the file at the pixel data element.
+            at_pixels = f.tell() < size
+    except FailedInput:
+        raise
+    except OSError as e:
+        detail = e.strerror or "I/O error"
+        raise FailedInput(f"not readable as DICOM: {type(e).__name__} ({detail})") from None
+    except Exception as e:  # pydicom raises many types for damaged files
+        raise FailedInput(f"not readable as DICOM: {_describe(e)}") from None
+    if len(ds) == 0:
+        raise FailedInput("not readable as DICOM: no data elements after the file meta (truncated?)")
+    if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+        # pydicom inflates the whole dataset first: file offsets say nothing here,
+        # and damage surfaces as a zlib error above.
+        return ds, ("Rows" in ds) if header_only else ("PixelData" in ds)
+    last = ds.get_item(max(ds.keys()))
+    if (
+        isinstance(last, RawDataElement)
+        and last.length != 0xFFFFFFFF
+        and last.value_tell + last.length > size
+    ):
+        raise FailedInput("not readable as DICOM: file is truncated (ends inside an element)")
+    has_pixels = at_pixels if header_only else "PixelData" in ds
+    return ds, has_pixels
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, EOFError):
+        return "file ends unexpectedly (truncated)"
+    if isinstance(e, InvalidDicomError):
+        return "no DICOM preamble or file meta"
+    return f"damaged header ({type(e).__name__})"
+
+
+def _transfer_syntax(ds: Dataset) -> str | None:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return str(uid).strip("\x00 ") if uid else None
+
+
+def _sop_class(ds: Dataset) -> str | None:
+    uid = _uid(ds, "SOPClassUID")
+    meta = getattr(ds, "file_meta", None)
+    if uid is None and meta is not None:
+        uid = _uid(meta, "MediaStorageSOPClassUID")
+    return uid
+
+
+def _sop_class_name(ds: Dataset) -> str:
+    uid = _sop_class(ds)
+    return UID(uid).name if uid else "no SOP class"
+
+
+def _uid(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip("\x00 ") if value else ""
+    return text if text and len(text) <= 64 and _UID_RE.match(text) else None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or isinstance(value, (bytes, bytearray)):
+        return None
+    text = str(value).strip("\x00 ")
+    return text or None
+
+
+def _safe_code(value: str | None) -> str:
+    """A code string (like a modality) fit for a reason, or a neutral word."""
+    if not value:
+        return "(none)"
+    return value if _CODE_RE.match(value) else "(unrecognised value)"
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    return [str(v).strip().upper() for v in items]
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword)
+        return default if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        raise FailedInput(f"malformed {keyword} (not an integer)") from None
+
+
+def _float(ds: Dataset, keyword: str, default: float) -> float:
+    try:
+        value = ds.get(keyword)
+        out = default if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        raise FailedInput(f"malformed {keyword} (not a number)") from None
+    if not np.isfinite(out):
+        raise FailedInput(f"malformed {keyword} (not finite)")
+    return out
+
+
+def _vector(ds: Dataset, keyword: str, n: int) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None:
+        raise FailedInput(f"missing geometry: no {keyword}")
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise FailedInput(f"malformed {keyword} (not numbers)") from None
+    if out.shape != (n,) or not np.isfinite(out).all():
+        raise FailedInput(f"malformed {keyword} (expected {n} finite numbers)")
+    return out

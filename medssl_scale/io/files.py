@@ -1,0 +1,119 @@
+"""Dispatch for single-file image formats (everything except DICOM series).
+
+``image_format`` says by suffix which reader handles a path; ``companions``
+lists the data files that belong to a header file (so discovery counts them
+as part of one item, and hashes them with it); ``read_image_file`` reads.
+
+Format names (what ``image_format`` returns) and their readers:
+
+=============  ===========================================  ==============
+format         suffixes (case-insensitive)                  reader
+=============  ===========================================  ==============
+``nifti``      ``.nii``, ``.nii.gz``                        nibabel
+``analyze``    ``.hdr`` (+ ``.img``; NIfTI pair or Analyze) nibabel
+``mgh``        ``.mgh``, ``.mgz``                           nibabel
+``minc``       ``.mnc``                                     nibabel
+``parrec``     ``.par`` (+ ``.rec``)                        nibabel
+``afni``       ``.head`` (+ ``.brik``, ``.brik.gz``)        nibabel
+``nrrd``       ``.nrrd``, ``.nhdr`` (+ its data file)       SimpleITK
+``metaimage``  ``.mha``, ``.mhd`` (+ its data file)         SimpleITK
+=============  ===========================================  ==============
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from medssl_scale.io import itk_io, nibabel_io
+from medssl_scale.io.types import FailedInput, Limits, RawVolume, SkippedInput
+
+_SUFFIX_FORMAT = {
+    ".nii.gz": "nifti", ".nii": "nifti",
+    ".hdr": "analyze",
+    ".mgh": "mgh", ".mgz": "mgh",
+    ".mnc": "minc",
+    ".par": "parrec",
+    ".head": "afni",
+    ".nrrd": "nrrd", ".nhdr": "nrrd",
+    ".mha": "metaimage", ".mhd": "metaimage",
+}
+READERS: dict[str, Callable[[Path, Limits], RawVolume]] = {
+    **{f: nibabel_io.read_nibabel for f in ("nifti", "analyze", "mgh", "minc", "parrec", "afni")},
+    "nrrd": itk_io.read_itk,
+    "metaimage": itk_io.read_itk,
+}
+# Suffixes that only ever hold the voxels of a header file above.
+_COMPANION_SUFFIXES = (".img", ".img.gz", ".rec", ".brik", ".brik.gz", ".raw", ".raw.gz", ".zraw")
+# Header suffix -> data suffixes written beside it under the same stem.
+_SIBLING_DATA = {".hdr": (".img",), ".par": (".rec",), ".head": (".brik", ".brik.gz")}
+
+
+def _suffix(path: str | os.PathLike[str], suffixes) -> str | None:
+    name = Path(path).name.lower()
+    for s in sorted(suffixes, key=len, reverse=True):  # ".nii.gz" before ".gz"-less ".nii"
+        if name.endswith(s) and len(name) > len(s):
+            return s
+    return None
+
+
+def image_format(path: str | os.PathLike[str]) -> str | None:
+    """Format name for a path by its suffix (see the module table), or None."""
+    s = _suffix(path, _SUFFIX_FORMAT)
+    return _SUFFIX_FORMAT[s] if s else None
+
+
+def is_companion_suffix(path: str | os.PathLike[str]) -> bool:
+    """True for suffixes that hold only voxel data of a header file
+    (``.img``, ``.rec``, ``.brik[.gz]``, ``.raw[.gz]``, ``.zraw``)."""
+    return _suffix(path, _COMPANION_SUFFIXES) is not None
+
+
+def _case_variants(suffix: str, like: str) -> list[str]:
+    # Match the header's case first (scan.HDR -> scan.IMG), then the other forms.
+    first = suffix.upper() if like.isupper() else suffix
+    return list(dict.fromkeys([first, suffix, suffix.upper(), suffix.replace(".brik", ".BRIK")]))
+
+
+def companions(path: str | os.PathLike[str]) -> list[Path]:
+    """Existing data files that belong to the header file ``path``.
+
+    ``.img`` beside ``.hdr``, ``.rec`` beside ``.par``, ``.brik[.gz]`` beside
+    ``.head`` (any case), and the detached data files a NRRD/MetaImage header
+    names (only those inside the header's folder). Empty for single-file
+    formats, unreadable headers and non-image paths; never raises.
+    """
+    path = Path(path)
+    fmt = image_format(path)
+    found: list[Path] = []
+    if fmt in ("nrrd", "metaimage"):
+        found = itk_io.data_files(path)
+    else:
+        s = _suffix(path, _SIBLING_DATA)
+        if s is not None:
+            stem = path.name[: -len(s)]
+            like = path.name[-len(s):]
+            for data_suffix in _SIBLING_DATA[s]:
+                for variant in _case_variants(data_suffix, like):
+                    p = path.with_name(stem + variant)
+                    if p.is_file():
+                        found.append(p)
+                        break
+    unique: dict[str, Path] = {}
+    for p in found:  # case-insensitive file systems find one file under several spellings
+        unique.setdefault(os.path.realpath(p), p)
+    return list(unique.values())
+
+
+def read_image_file(path: str | os.PathLike[str], limits: Limits = Limits()) -> RawVolume:
+    """Read one single-file (or header + data) image; SkippedInput/FailedInput otherwise."""
+    path = Path(path)
+    fmt = image_format(path)
+    if fmt is None:
+        if is_companion_suffix(path):
+            raise SkippedInput("voxel data file of a header + data pair: it is read through its header")
+        raise SkippedInput("not an image format we read (unknown suffix)")
+    if not path.is_file():
+        raise FailedInput("file not found or not a regular file")
+    return READERS[fmt](path, limits)

@@ -1,0 +1,245 @@
+"""Everything nibabel reads: NIfTI-1/2 (``.nii``, ``.nii.gz``, ``.hdr``/``.img``
+pairs), Analyze, MGH/MGZ, MINC (MINC2 only with the optional h5py), PAR/REC and
+AFNI BRIK/HEAD.
+
+nibabel parses the header on load and touches voxels only when asked, so the
+shape is checked against the limits and the file size against the header
+before a byte of voxel data is read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import warnings
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.filebasedimages import ImageFileError
+from nibabel.minc1 import Minc1Image
+
+from medssl_scale.io.types import FailedInput, InputError, Limits, RawVolume, SkippedInput
+
+_FORMATS = {  # nibabel class name -> RawVolume.format
+    "Nifti1Image": "nifti1", "Nifti2Image": "nifti2",
+    "Nifti1Pair": "nifti1-pair", "Nifti2Pair": "nifti2-pair",
+    "AnalyzeImage": "analyze", "Spm99AnalyzeImage": "analyze", "Spm2AnalyzeImage": "analyze",
+    "MGHImage": "mgh", "Minc1Image": "minc1", "Minc2Image": "minc2",
+    "PARRECImage": "parrec", "AFNIImage": "afni",
+}
+_COMPRESSED = (".gz", ".bz2", ".zst", ".mgz")
+_UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
+
+
+def _gzip_problem(path: Path) -> FailedInput | None:
+    """What nibabel reports as an unknown file type, when the cause is the gzip layer."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"\x1f\x8b":
+        if path.name.lower().endswith((".gz", ".mgz")):
+            return FailedInput("not a gzip stream although the name ends in .gz/.mgz")
+        return None
+    try:
+        with gzip.open(path) as g:
+            g.read(1 << 16)  # the header lies in the first bytes
+    except EOFError:
+        return FailedInput("truncated gzip stream: the file ends before the compressed data does")
+    except (zlib.error, OSError):
+        return FailedInput("corrupt gzip stream: the compressed data does not decode")
+    if not path.name.lower().endswith((".gz", ".mgz")):
+        return FailedInput("gzip-compressed data under a name without .gz: rename it (e.g. to .nii.gz)")
+    return None
+
+
+def _load(path: Path):
+    try:
+        return nib.load(path)
+    except FileNotFoundError as e:
+        raise FailedInput("data file missing: the header's companion data file is not beside it") from e
+    except EOFError as e:
+        raise FailedInput("truncated gzip stream: the file ends before the compressed data does") from e
+    except ImportError as e:
+        raise FailedInput(f"reading this file needs the optional package {e.name!r}, which is not installed") from e
+    except ImageFileError as e:
+        unknown = FailedInput("unreadable or corrupt header: not a format nibabel recognises")
+        raise _gzip_problem(path) or unknown from e
+    except zlib.error as e:
+        raise FailedInput("corrupt gzip stream: the compressed data does not decode") from e
+    except OSError as e:
+        raise FailedInput(f"unreadable or corrupt file ({type(e).__name__})") from e
+    except Exception as e:  # HeaderDataError, PARRECError, AFNIHeaderError, MincError, ...
+        raise FailedInput(f"unreadable, corrupt or inconsistent header ({type(e).__name__})") from e
+
+
+def _volume_shape(img, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The 3D shape, or the reason this is not one volume."""
+    txt = "x".join(map(str, shape))
+    if any(s < 0 for s in shape):
+        raise FailedInput(f"header declares a negative dimension ({txt})")
+    if len(shape) < 3:
+        raise SkippedInput(f"2D image ({txt}): a single slice, not a volume")
+    # MINC puts time/vector dimensions first; every other format puts them last.
+    spatial, extra = (shape[-3:], shape[:-3]) if isinstance(img, Minc1Image) else (shape[:3], shape[3:])
+    n_extra = math.prod(extra)  # exact: np.prod can overflow on a hostile header
+    if n_extra > 1:
+        if isinstance(img, nib.Nifti1Pair) and len(extra) >= 2 and extra[0] == 1:  # NIfTI .nii too
+            # NIfTI dim 5 with dim 4 == 1: vector/tensor/displacement data per voxel.
+            raise SkippedInput(f"multi-component image ({txt}: {n_extra} values per voxel), not a scalar volume")
+        raise SkippedInput(
+            f"4D image with {n_extra} volumes ({txt}): a time series or multi-volume file; "
+            "split it into 3D volumes to ingest it"
+        )
+    if min(spatial) == 0:
+        raise FailedInput(f"header declares an empty image ({txt})")
+    if min(spatial) == 1:
+        raise SkippedInput(f"2D image ({txt}): a single slice, not a volume")
+    return int(spatial[0]), int(spatial[1]), int(spatial[2])
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    if dtype.fields is not None:
+        raise SkippedInput(f"RGB/multi-component image (datatype {dtype.names}), not a scalar volume")
+    if dtype.kind not in "iuf" or dtype.itemsize > 8:
+        name = dtype.newbyteorder("=").name
+        raise FailedInput(f"unsupported datatype {name}: only real integer and float voxels are read")
+
+
+def _check_file_size(proxy) -> None:
+    """An uncompressed data file must hold offset + the declared voxels."""
+    if not isinstance(proxy, ArrayProxy) or not isinstance(proxy.file_like, str):
+        return
+    fname = proxy.file_like
+    if fname.lower().endswith(_COMPRESSED):
+        return
+    if not os.path.isfile(fname):
+        raise FailedInput("data file missing: the header's companion data file is not beside it")
+    expected = int(proxy.offset) + math.prod(int(n) for n in proxy.shape) * np.dtype(proxy.dtype).itemsize
+    actual = os.path.getsize(fname)
+    if actual < expected:
+        raise FailedInput(
+            f"data shorter than the header declares: expected {expected:,} bytes (header offset + voxels), "
+            f"the file holds {actual:,}"
+        )
+
+
+def _affine(img) -> np.ndarray:
+    affine = np.array(img.affine, dtype=np.float64)
+    header = img.header
+    if hasattr(header, "get_xyzt_units"):  # NIfTI may store metres or microns
+        affine[:3, :] *= _UNIT_TO_MM.get(header.get_xyzt_units()[0], 1.0)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise FailedInput("header geometry is degenerate: voxel sizes or orientation zero, singular or not finite")
+    return affine
+
+
+def _native_copy(raw: np.ndarray) -> np.ndarray:
+    # Own the memory (no memmap on the input file) in native byte order, one copy at most.
+    native = raw.dtype.newbyteorder("=")
+    if isinstance(raw, np.memmap) or raw.dtype != native:
+        return np.array(raw, dtype=native, copy=True)
+    return np.asarray(raw)
+
+
+def _scaled(raw: np.ndarray, slope: float, inter: float) -> tuple[np.ndarray, bool]:
+    """Apply NIfTI/Analyze/MGH scaling without float64 copies."""
+    if slope == 1.0 and inter == 0.0:
+        return raw, False
+    if raw.dtype.kind in "iu" and slope.is_integer() and inter.is_integer() and raw.size:
+        # e.g. CT stored as uint16 with inter = -1024: stay integer (int16 HU).
+        lo, hi = float(raw.min()), float(raw.max())
+        bounds = [lo, hi, lo * slope, hi * slope, lo * slope + inter, hi * slope + inter]
+        for dt in (np.int16, np.int32):
+            info = np.iinfo(dt)
+            if info.min <= min(bounds) and max(bounds) <= info.max:
+                out = raw.astype(dt)
+                if slope != 1.0:
+                    out *= dt(slope)
+                out += dt(inter)
+                return out, True
+    out = raw.astype(np.float32)
+    out *= np.float32(slope)
+    out += np.float32(inter)
+    return out, True
+
+
+def _read_voxels(img, disk_dtype: np.dtype) -> tuple[np.ndarray, bool]:
+    proxy = img.dataobj
+    if isinstance(proxy, ArrayProxy) and getattr(proxy, "scaling", None) is None:
+        raw = _native_copy(np.asarray(proxy.get_unscaled()))
+        return _scaled(raw, float(proxy.slope), float(proxy.inter))
+    # MINC, PAR/REC, scaled AFNI: nibabel applies per-slice/per-brick scaling itself.
+    arr = np.asanyarray(proxy)
+    scaled = arr.dtype != disk_dtype.newbyteorder("=")
+    if arr.dtype == np.float64 and disk_dtype.kind != "f":
+        arr = arr.astype(np.float32)
+    return _native_copy(arr), scaled
+
+
+def _read_error(e: Exception) -> FailedInput:
+    if isinstance(e, EOFError):
+        return FailedInput("truncated gzip stream: the file ends before the compressed data does")
+    if isinstance(e, zlib.error | gzip.BadGzipFile):
+        return FailedInput("corrupt gzip stream: the compressed data does not decode")
+    m = re.search(r"Expected (\d+) bytes, got (\d+) bytes", str(e))
+    if m:
+        return FailedInput(
+            f"data shorter than the header declares: expected {int(m.group(1)):,} bytes of voxel data, "
+            f"got {int(m.group(2)):,}"
+        )
+    if isinstance(e, FileNotFoundError):
+        return FailedInput("data file missing: the header's companion data file is not beside it")
+    if isinstance(e, MemoryError):
+        return FailedInput("not enough memory to hold the image the header declares")
+    return FailedInput(f"voxel data unreadable or corrupt ({type(e).__name__})")
+
+
+def _read(path: Path, limits: Limits) -> RawVolume:
+    img = _load(path)
+    fmt = _FORMATS.get(type(img).__name__)
+    if fmt is None:
+        raise SkippedInput(f"not a volume image ({type(img).__name__})")
+    shape = tuple(int(s) for s in img.shape)
+    shape3 = _volume_shape(img, shape)  # a 2D/4D verdict comes first, whatever the size
+    limits.check_shape(shape3)
+    disk_dtype = np.dtype(img.get_data_dtype())
+    _check_dtype(disk_dtype)
+    _check_file_size(img.dataobj)
+    affine = _affine(img)
+    try:
+        array, scaled = _read_voxels(img, disk_dtype)
+    except InputError:
+        raise
+    except Exception as e:
+        raise _read_error(e) from e
+    if array.dtype.kind not in "iuf":
+        raise FailedInput(f"unsupported datatype {array.dtype.name}: only real integer and float voxels are read")
+
+    meta: dict[str, object] = {"datatype": disk_dtype.newbyteorder("=").name, "scaled": scaled}
+    if hasattr(img.header, "get_intent"):
+        intent = img.header.get_intent()[0]  # a code's name, never the free-text intent_name
+        if intent != "none":
+            meta["intent"] = intent
+    # PAR/REC only comes from Philips MR scanners; other formats do not say.
+    modality = "MR" if fmt == "parrec" else None
+    return RawVolume(array.reshape(shape3), affine, modality=modality, format=fmt, meta=meta)
+
+
+def read_nibabel(path: str | os.PathLike[str], limits: Limits = Limits()) -> RawVolume:
+    """Read one 3D volume with nibabel; SkippedInput / FailedInput otherwise."""
+    path = Path(path)
+    try:
+        # nibabel warns with header details; those must not reach logs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _read(path, limits)
+    except InputError:
+        raise
+    except MemoryError as e:
+        raise FailedInput("not enough memory to hold the image the header declares") from e
+    except Exception as e:  # a bad file must never crash the ingest
+        raise FailedInput(f"unreadable file ({type(e).__name__})") from e
