@@ -1,0 +1,112 @@
+"""The dataset directory: one place that knows where everything lives."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetDir:
+    """Paths of a dataset directory (the contract in docs/dataset.md)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    @property
+    def volumes(self) -> Path:
+        return self.root / "volumes.zarr"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels.zarr"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def shard_index(self) -> Path:
+        return self.shards / "index.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def tmp(self) -> Path:
+        """Scratch space on the same filesystem, so finished work is renamed, not copied."""
+        return self.root / ".tmp"
+
+    @property
+    def pending(self) -> Path:
+        """Finished shard samples waiting for their shard (survive a crash)."""
+        return self.root / ".pending"
+
+    @property
+    def lock(self) -> Path:
+        """Present while an ingest runs; left behind by a killed one."""
+        return self.root / ".ingest-running"
+
+    def exists(self) -> bool:
+        return self.manifest.exists() or self.volumes.exists()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a sibling temporary file, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the dataset unreadable to a team
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def publish_dir(tmp_dir: Path, final: Path) -> bool:
+    """Move a finished directory into place; False if ``final`` already exists.
+
+    rename(2) of a directory onto an existing non-empty one fails, so two
+    writers of the same content-addressed volume cannot corrupt each other:
+    the loser discards its copy.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp_dir, final)
+        return True
+    except OSError:
+        if final.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            return False
+        raise
