@@ -1,0 +1,110 @@
+"""``medssl ingest``: the command line of the ingest tool."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ingest.deid import SecretError
+from ingest.discover import SourceError
+from ingest.runner import IngestConfig, OutputError, run_ingest
+from medssl_scale.io import Limits
+
+EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MB, 1GB)")
+    return int(float(m.group(1)) * 1000 ** " kmgt".index(m.group(2) or " "))
+
+
+def _spacing(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"--spacing takes X,Y,Z in mm (or one value), all > 0: {text!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="turn CT/MR collections (NIfTI, DICOM, NRRD, MHA) into a dataset directory",
+        description="Ingest medical image collections into a canonical dataset: Zarr v3 volumes (RAS), "
+        "WebDataset shards and a manifest that accounts for every input. Re-running adds only new inputs.",
+    )
+    p.add_argument("sources", nargs="+", type=Path, metavar="SRC", help="files or folders, searched recursively")
+    p.add_argument("--out", required=True, type=Path, metavar="DATASET", help="dataset directory (created or extended)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted ingest of this dataset")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any input failed")
+    p.add_argument("--spacing", type=_spacing, metavar="X,Y,Z", help="resample to this voxel spacing in mm")
+    p.add_argument("--modality", action="append", default=[], metavar="[PATTERN=]CT|MR",
+                   help="override the modality for sources matching PATTERN (a source prefix or glob), or for all")
+    p.add_argument("--max-voxels", type=int, default=Limits().max_voxels, help="refuse volumes whose header declares more voxels")
+    p.add_argument("--chunk", type=int, default=64, help="Zarr chunk edge in voxels (default 64)")
+    p.add_argument("--shard-shape", type=int, default=256, help="Zarr shard edge in voxels, 0 for none (default 256)")
+    p.add_argument("--shard-size", type=_size, default=_size("1GB"), help="target size of WebDataset shards (default 1GB)")
+    p.add_argument("--shard-codec", choices=("npy", "npy.gz"), default="npy", help="encoding of arrays in shards")
+    p.add_argument("--secret-file", type=Path, help="site secret for pseudonyms (else $MEDSSL_SITE_SECRET, "
+                   "$MEDSSL_SITE_SECRET_FILE or ~/.config/medssl/site-secret)")
+    p.add_argument("--hash-paths", action="store_true", help="record source paths as keyed hashes (folder names with identifiers)")
+    p.add_argument("--subject-pattern", metavar="REGEX",
+                   help="regex on the source path whose first group is the patient id, for formats without one (e.g. 'sub-[^/]+')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = IngestConfig(
+        sources=args.sources,
+        out=args.out,
+        workers=args.workers,
+        resume=args.resume,
+        spacing=args.spacing,
+        modality=args.modality,
+        max_voxels=args.max_voxels,
+        chunk=args.chunk,
+        shard=args.shard_shape,
+        shard_size=args.shard_size,
+        shard_codec=args.shard_codec,
+        secret_file=args.secret_file,
+        hash_paths=args.hash_paths,
+        subject_pattern=args.subject_pattern,
+    )
+    return execute(cfg, strict=args.strict, show_progress=not args.no_progress)
+
+
+def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True) -> int:
+    """Run an ingest with a progress bar and the summary table; returns the exit code."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from medssl_scale.store.summary import render
+
+    err = Console(stderr=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err, disable=not show_progress)
+    tasks: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    try:
+        with bar:
+            summary, _ = run_ingest(cfg, progress)
+    except (OutputError, SourceError, SecretError) as e:
+        err.print(f"[red]medssl ingest: {e}")
+        return EXIT_ERROR
+    Console().print(render(summary, title=f"ingest into {cfg.out}"))
+    if summary["failed_total"]:
+        err.print(f"[yellow]{summary['failed_total']} input(s) failed: reasons in {cfg.out}/manifest.jsonl and {cfg.out}/logs/")
+        if strict:
+            return EXIT_FAILURES
+    return EXIT_OK

@@ -1,0 +1,406 @@
+"""One item, start to finish, inside a worker: read -> check -> canonicalise ->
+de-identify -> write volume, label and shard sample.
+
+Returns manifest records and never raises for a bad input: a reader's
+:class:`InputError` becomes a skipped/failed record, and anything unexpected
+becomes a failed record naming the exception (the run goes on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ingest.deid import Pseudonymizer, scrub
+from ingest.discover import Item
+from medssl_scale.io import FailedInput, InputError, Limits, RawVolume, dicom, files
+from medssl_scale.io.canonical import geometry, resample, spacing_of, to_canonical
+from medssl_scale.io.modality import infer_modality
+from medssl_scale.store.layout import DatasetDir
+from medssl_scale.store.manifest import ManifestRecord
+from medssl_scale.store.shards import write_sample_fragment
+from medssl_scale.store.volumes import VolumeLayout, label_store, volume_store
+
+VOLUME_ID_VERSION = b"medssl-volume-v1"
+INT16 = np.iinfo(np.int16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything a worker needs; picklable, sent once per worker."""
+
+    out: Path
+    secret: bytes
+    spacing: tuple[float, float, float] | None = None
+    limits: Limits = Limits()
+    layout: VolumeLayout = VolumeLayout()
+    shard_codec: str = "npy"
+    hash_paths: bool = False
+    subject_pattern: str | None = None
+    # True when the process that commits the item also writes the shards (one worker):
+    # the sample then goes straight into the shard instead of through a fragment file.
+    direct_shards: bool = False
+
+
+@dataclasses.dataclass
+class Result:
+    records: list[ManifestRecord]
+    bytes_out: int = 0
+    log: list[str] = dataclasses.field(default_factory=list)
+    sample: tuple[np.ndarray, dict[str, Any], np.ndarray | None] | None = None  # only with direct_shards
+
+
+def file_digest(paths: list[str]) -> tuple[str, int, int]:
+    """(sha256, total bytes, newest mtime) of the item's files.
+
+    Several files (a DICOM series, a header/data pair) hash as the sorted list
+    of their digests: the content decides, not names or order.
+    """
+    digests, size, mtime = [], 0, 0
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(4 << 20):
+                h.update(chunk)
+        st = os.stat(p)
+        size += st.st_size
+        mtime = max(mtime, st.st_mtime_ns)
+        digests.append(h.hexdigest())
+    if len(digests) == 1:
+        return digests[0], size, mtime
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest(), size, mtime
+
+
+def volume_id(array: np.ndarray, affine: np.ndarray) -> str:
+    """Content address: voxels (in Fortran order), dtype, shape and geometry (rounded to 0.1 um)."""
+    h = hashlib.sha256(VOLUME_ID_VERSION)
+    h.update(json.dumps([list(array.shape), array.dtype.str, np.round(affine, 4).tolist()]).encode())
+    h.update(memoryview(np.asfortranarray(array).T).cast("B"))  # .T of a Fortran array is a C-contiguous view
+    return "v" + h.hexdigest()[:19]
+
+
+def intensity_stats(array: np.ndarray) -> dict[str, float]:
+    """Robust statistics on a 1/64 subsample: what load-time normalisation needs."""
+    sub = array[::4, ::4, ::4].astype(np.float32, copy=False)
+    lo, hi = np.percentile(sub, [0.5, 99.5])
+    return {
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "mean": round(float(sub.mean()), 4),
+        "std": round(float(sub.std()), 4),
+        "p0_5": round(float(lo), 4),
+        "p99_5": round(float(hi), 4),
+    }
+
+
+def _finite(vol: RawVolume, warnings: list[str]) -> np.ndarray:
+    a = vol.array
+    if not np.issubdtype(a.dtype, np.floating):
+        return a
+    bad = ~np.isfinite(a)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return a
+    if n_bad == a.size:
+        raise FailedInput("all voxels are NaN or infinite")
+    fill = float(np.min(a[~bad]))
+    a = np.where(bad, fill, a).astype(a.dtype, copy=False)
+    warnings.append(f"{n_bad:,} of {a.size:,} voxels ({100 * n_bad / a.size:.3g}%) were NaN/Inf and set to the volume minimum")
+    return a
+
+
+def _storage_dtype(a: np.ndarray, modality: str, warnings: list[str]) -> np.ndarray:
+    """CT keeps Hounsfield units as int16; MR keeps its scanner intensities as float32."""
+    if modality == "MR":
+        return a.astype(np.float32, copy=False)
+    if a.dtype == np.int16:
+        return a
+    if np.issubdtype(a.dtype, np.floating):
+        a = np.rint(a)
+    lo, hi = a.min(), a.max()
+    if lo < INT16.min or hi > INT16.max:
+        n = int(np.count_nonzero((a < INT16.min) | (a > INT16.max)))
+        warnings.append(f"{n:,} voxels outside the int16 range were clipped")
+        a = np.clip(a, INT16.min, INT16.max)
+    return a.astype(np.int16)
+
+
+def _label_array(path: str, image_raw: RawVolume, limits: Limits) -> np.ndarray:
+    lab = files.read_image_file(path, limits)
+    if lab.array.shape != image_raw.array.shape:
+        raise FailedInput(f"label map shape {lab.array.shape} does not match the image's {image_raw.array.shape}")
+    if not np.allclose(lab.affine, image_raw.affine, atol=1e-3, rtol=1e-4):
+        raise FailedInput("label map geometry (affine) does not match the image's")
+    a = lab.array
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.all(np.isfinite(a)) or not np.array_equal(a, np.rint(a)):
+            raise FailedInput("label map has non-integer values")
+        a = a.astype(np.int64)
+    if a.min() < 0:
+        raise FailedInput("label map has negative values")
+    top = int(a.max())
+    return a.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
+
+
+def _read(item: Item, limits: Limits) -> RawVolume:
+    if item.kind == "dicom":
+        return dicom.read_series(item.paths, limits)
+    return files.read_image_file(item.paths[0], limits)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """An item decoded and canonicalised, ready to be written."""
+
+    item: Item
+    base: dict[str, Any]  # the manifest fields every record of this item shares
+    label_name: str | None
+    image: np.ndarray  # (x, y, z) RAS, storage dtype
+    affine: np.ndarray
+    label: np.ndarray | None
+    label_err: str | None
+    modality: str
+    modality_from: str
+    raw: RawVolume  # format, identity and meta (the array itself is released)
+    warnings: list[str]
+
+
+def process_item(item: Item, opts: Options) -> Result:
+    """The whole item in one go (what a worker process runs)."""
+    prep = prepare(item, opts)
+    return prep if isinstance(prep, Result) else commit(prep, opts)
+
+
+def prepare(item: Item, opts: Options) -> Prepared | Result:
+    """Hash, decode, check and canonicalise; a Result when the item ends here (skipped/failed)."""
+    pseud = Pseudonymizer(opts.secret)
+    base: dict[str, Any] = {"source": pseud.path(item.source) if opts.hash_paths else item.source}
+    if len(item.names) > 1:
+        base["files"] = sorted(pseud.path(n) for n in item.names) if opts.hash_paths else sorted(item.names)
+    label_name = None
+    if item.label_source:
+        label_name = pseud.path(item.label_source) if opts.hash_paths else item.label_source
+    try:
+        sha, size, mtime = file_digest(item.paths)
+        base.update(source_sha256=sha, source_bytes=size, source_mtime_ns=mtime)
+        return _canonicalise(item, _read(item, opts.limits), opts, base, label_name)
+    except Exception as e:
+        return _failure(item, base, label_name, e, "reading")
+
+
+def commit(prep: Prepared, opts: Options) -> Result:
+    """Identify, write volume, label and shard sample, and make the records."""
+    try:
+        return _commit(prep, opts)
+    except Exception as e:
+        return _failure(prep.item, prep.base, prep.label_name, e, "writing")
+
+
+def _failure(item: Item, base: dict[str, Any], label_name: str | None, e: Exception, phase: str) -> Result:
+    """A skipped/failed record for an InputError; a failed one naming anything unforeseen (the run goes on)."""
+    log = []
+    if isinstance(e, InputError):
+        status, reason = e.status, e.reason
+    else:
+        status, reason = "failed", f"internal error while {phase}: {type(e).__name__}: {e}"
+        log.append(_scrub(item, traceback.format_exc()))
+    recs = [ManifestRecord(status=status, reason=_scrub(item, reason), **base)]
+    if label_name:
+        recs.append(ManifestRecord(source=label_name, kind="label", status="skipped", reason=f"its image was {status}"))
+    return Result(recs, log=log)
+
+
+def _canonicalise(item: Item, raw: RawVolume, opts: Options, base: dict[str, Any], label_name: str | None) -> Prepared:
+    warnings: list[str] = []
+    raw.array = _finite(raw, warnings)
+
+    if item.modality:
+        modality, modality_from = item.modality, "override"
+    elif raw.modality:
+        modality, modality_from = raw.modality, "header"
+    else:
+        modality, why = infer_modality(raw.array)
+        modality_from = "intensity"
+        warnings.append(f"modality {modality} inferred from intensities ({why})")
+
+    label_arr, label_err = None, None
+    if item.label_path:
+        try:
+            label_arr = _label_array(item.label_path, raw, opts.limits)
+        except InputError as e:
+            label_err = e.reason
+
+    image, affine = to_canonical(_storage_dtype(raw.array, modality, warnings), raw.affine)
+    raw.array = None  # type: ignore[assignment]  # free the reader's copy before resampling
+    if label_arr is not None:
+        label_arr, _ = to_canonical(label_arr, raw.affine)
+    if opts.spacing is not None:
+        src_affine = affine
+        image, affine = resample(image, src_affine, opts.spacing)
+        image = _storage_dtype(image, modality, warnings)
+        if label_arr is not None:
+            label_arr, _ = resample(label_arr, src_affine, opts.spacing, label=True)
+    return Prepared(item, base, label_name, image, affine, label_arr, label_err, modality, modality_from, raw, warnings)
+
+
+def _commit(prep: Prepared, opts: Options) -> Result:
+    item, base, image, label_arr = prep.item, prep.base, prep.image, prep.label
+    pseud = Pseudonymizer(opts.secret)
+    vid = volume_id(image, prep.affine)
+    geo = geometry(prep.affine)
+    patient = pseud("patient", prep.raw.identity.get("patient")) or _subject(item.source, opts.subject_pattern, pseud)
+    study = pseud("study", prep.raw.identity.get("study"))
+    attrs: dict[str, Any] = {
+        "volume_id": vid,
+        "modality": prep.modality,
+        "orientation": "RAS",
+        "units": "HU" if prep.modality == "CT" else "scanner",
+        **geo,
+        "source_sha256": base["source_sha256"],
+        "format": prep.raw.format,
+        "stats": intensity_stats(image),
+        "meta": prep.raw.meta,
+        "has_label": label_arr is not None,
+        "source": base["source"],
+    }
+    if patient:
+        attrs["patient"] = patient
+    if study:
+        attrs["study"] = study
+    classes = None
+    if label_arr is not None:
+        present = sorted(int(v) for v in np.unique(label_arr) if v != 0)
+        classes = {str(v): (item.classes or {}).get(str(v), str(v)) for v in present}
+
+    owner, nbytes, sample = _store(DatasetDir(opts.out), opts, vid, image, attrs, label_arr, classes, geo)
+    if owner != base["source"]:
+        recs = [ManifestRecord(status="skipped", reason=f"duplicate of {vid} (same content as {owner})", duplicate_of=vid, **base)]
+        if prep.label_name:
+            recs.append(ManifestRecord(source=prep.label_name, kind="label", status="skipped", reason=f"its image is a duplicate of {vid}"))
+        return Result(recs)
+
+    recs = [
+        ManifestRecord(
+            status="ok",
+            volume_id=vid,
+            modality=prep.modality,
+            modality_from=prep.modality_from,
+            shape=list(image.shape),
+            spacing=geo["spacing"],
+            dtype=str(image.dtype),
+            format=prep.raw.format,
+            has_label=label_arr is not None,
+            label_source=prep.label_name if label_arr is not None else None,
+            patient=patient,
+            study=study,
+            warnings=prep.warnings or None,
+            **base,
+        )
+    ]
+    if prep.label_name and prep.label_err:
+        recs.append(ManifestRecord(source=prep.label_name, kind="label", status="failed", reason=_scrub(item, prep.label_err), volume_id=vid))
+    elif prep.label_name:
+        recs.append(ManifestRecord(source=prep.label_name, kind="label", status="ok", volume_id=vid, shape=list(label_arr.shape)))
+    return Result(recs, nbytes, sample=sample)
+
+
+def _store(ds: DatasetDir, opts: Options, vid: str, image: np.ndarray, attrs: dict[str, Any],
+           label: np.ndarray | None, classes: dict[str, str] | None, geo: dict[str, Any]) -> tuple[str, int, Any]:
+    """Write volume, label and shard sample unless the content is already owned.
+
+    Returns (owner, bytes written, the shard sample when ``direct_shards``).
+
+    Identical content may arrive from two workers at once. Whoever creates the
+    claim file first (O_EXCL) owns the volume id and writes everything; the
+    other reports a duplicate of that owner. The owner's name is kept in the
+    volume's attributes, so later runs and a resumed run know it too.
+    """
+    volumes, labels = volume_store(ds, opts.layout), label_store(ds, opts.layout)
+    if volumes.exists(vid):
+        return volumes.attrs(vid).get("source", "an earlier input"), 0, None
+    claims = ds.tmp / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    claim = claims / vid
+    while True:
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            owner = _claim_owner(claim, volumes, vid)
+            if owner and owner != attrs["source"]:
+                return owner, 0, None
+            if volumes.exists(vid):
+                return volumes.attrs(vid).get("source", "an earlier input"), 0, None
+            # Our own claim (an earlier attempt at this item died with its worker) or a stale one: take over.
+            claim.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(attrs["source"])
+    try:
+        nbytes = 0
+        # The label first: the volume's arrival is what marks the pair complete for a resumed run.
+        if label is not None and labels.write(vid, label, {"volume_id": vid, "classes": classes, **geo}):
+            nbytes += labels.nbytes_stored(vid)
+        volumes.write(vid, image, attrs)
+        nbytes += volumes.nbytes_stored(vid)
+        meta = sample_meta(attrs, image, classes)
+        if opts.direct_shards:
+            return attrs["source"], nbytes, (image, meta, label)
+        write_sample_fragment(ds, vid, image, meta, label, opts.shard_codec)
+        return attrs["source"], nbytes, None
+    except BaseException:
+        claim.unlink(missing_ok=True)  # let an identical input try again
+        raise
+
+
+def _claim_owner(claim: Path, volumes: Any, vid: str) -> str:
+    """Who holds a claim; "" for a stale one (its claimer died before writing its name)."""
+    # The claimer writes its name right after creating the file: wait the instant that takes.
+    for _ in range(200):
+        try:
+            owner = claim.read_text()
+        except FileNotFoundError:  # the claimer failed and let go: the volume may exist
+            if volumes.exists(vid):
+                return volumes.attrs(vid).get("source", "an earlier input")
+            return ""
+        if owner:
+            return owner
+        time.sleep(0.005)
+    return ""
+
+
+def sample_meta(attrs: dict[str, Any], image: np.ndarray, classes: dict[str, str] | None) -> dict[str, Any]:
+    """meta.json of a shard sample: the volume's attributes plus what a streaming reader needs."""
+    meta = {k: v for k, v in attrs.items() if k not in ("meta", "source")}
+    meta.update(shape=list(image.shape), dtype=str(image.dtype))
+    if classes is not None:
+        meta["classes"] = classes
+    return meta
+
+
+def _subject(source: str, pattern: str | None, pseud: Pseudonymizer) -> str | None:
+    """Patient pseudonym from a folder name (--subject-pattern) when the format carries none."""
+    if not pattern:
+        return None
+    m = re.search(pattern, source)
+    if not m:
+        return None
+    return pseud("patient", m.group(1) if m.groups() else m.group(0))
+
+
+def _scrub(item: Item, text: str) -> str:
+    if item.kind != "dicom":
+        return text
+    try:
+        values = dicom.identifying_values(item.paths[0])
+    except Exception:
+        return text
+    return scrub(text, values)

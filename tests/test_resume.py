@@ -1,0 +1,126 @@
+"""kill -9 at any moment, then --resume: the result equals an uninterrupted run's."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sample_data import assert_same_dataset, dicom_series, phantom_collection, run_cli
+from medssl_scale.inspect import check_dataset
+from medssl_scale.store.layout import DatasetDir
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--no-progress", "--shard-size", "120000", "--chunk", "16", "--shard-shape", "32"]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src") / "coll"
+    phantom_collection(root / "nifti", n_ct=8, n_mr=4, shape=(40, 36, 24))
+    dicom_series(root / "dicom", n=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(collection, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ds"
+    run_cli("ingest", str(collection), "--out", str(out), "--workers", "2", *ARGS)
+    return out
+
+
+def _start(collection, out, *extra):
+    cmd = [sys.executable, "-m", "medssl_scale.cli", "ingest", str(collection), "--out", str(out), "--workers", "2", *ARGS, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _kill_when(proc, ready, timeout=60.0):
+    """SIGKILL the whole ingest (workers too) as soon as ``ready()`` holds."""
+    t0 = time.monotonic()
+    while not ready():
+        if proc.poll() is not None or time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def _lines(path):
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _leftovers(ds: DatasetDir):
+    left = [p for p in (ds.tmp, ds.pending, ds.lock) if p.exists()]
+    left += list(ds.root.rglob("*.partial")) + list(ds.root.rglob("*.tmp"))
+    return left
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["discovery", "first-records", "mid-run", "after-first-shard"],
+)
+def test_kill_then_resume_equals_uninterrupted(collection, reference, tmp_path, moment):
+    out = tmp_path / "ds"
+    ds = DatasetDir(out)
+    ready = {
+        "discovery": lambda: ds.lock.exists(),
+        "first-records": lambda: _lines(ds.manifest) >= 2,
+        "mid-run": lambda: _lines(ds.manifest) >= 12,
+        "after-first-shard": lambda: (ds.shards / "shard-000000.tar").exists(),
+    }[moment]
+    proc = _start(collection, out)
+    killed = _kill_when(proc, ready)
+    if killed:
+        # without --resume the interrupted dataset is refused with a clear message
+        res = run_cli("ingest", str(collection), "--out", str(out), *ARGS, check=False)
+        assert res.returncode == 2 and "--resume" in res.stderr
+    run_cli("ingest", str(collection), "--out", str(out), "--workers", "2", "--resume", *ARGS)
+    assert _leftovers(ds) == []
+    assert check_dataset(ds) == []
+    assert_same_dataset(reference, out)
+
+
+def test_killed_twice_including_during_resume(collection, reference, tmp_path):
+    out = tmp_path / "ds"
+    ds = DatasetDir(out)
+    _kill_when(_start(collection, out), lambda: _lines(ds.manifest) >= 6)
+    n = _lines(ds.manifest)
+    _kill_when(_start(collection, out, "--resume"), lambda: _lines(ds.manifest) >= n + 4)
+    run_cli("ingest", str(collection), "--out", str(out), "--resume", *ARGS)
+    assert _leftovers(ds) == [] and check_dataset(ds) == []
+    assert_same_dataset(reference, out)
+
+
+def test_a_worker_killed_mid_run_does_not_lose_items(collection, reference, tmp_path):
+    """The OOM killer takes a worker: its items are retried in isolation and the run completes."""
+    out = tmp_path / "ds"
+    ds = DatasetDir(out)
+    proc = _start(collection, out)
+    t0 = time.monotonic()
+    victim = None
+    while victim is None and time.monotonic() - t0 < 60 and proc.poll() is None:
+        if _lines(ds.manifest) >= 3:
+            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            # the spawn context's resource tracker is a child too; workers are the ones running medssl code
+            for pid in kids:
+                try:
+                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+                except OSError:
+                    continue
+                if b"resource_tracker" not in cmdline:
+                    victim = int(pid)
+                    break
+        time.sleep(0.002)
+    assert victim is not None, "no worker process found"
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert check_dataset(ds) == []
+    assert_same_dataset(reference, out)
