@@ -1,0 +1,119 @@
+"""Ingest throughput against the time that only decoding the same inputs takes.
+
+    python bench/ingest.py [--src DIR] [--n 8] [--shape 256,256,160] [--out results.json]
+
+Without --src, writes a collection of CT phantoms (NIfTI .nii.gz, as most
+public CT collections ship) plus one DICOM series. Prints one JSON object:
+volumes/s and MB/s for 1 and 2 workers, and ``ratio_1w`` = ingest time with
+one worker / decode-only time (the aim: at most 1.5).
+
+Decode-only is the floor any ingest pays: the same readers, run on every
+item in one process, doing nothing with the arrays. Each figure is the best
+of ``--repeat`` runs (page cache warm for all of them alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MEDSSL_SITE_SECRET", "benchmark-secret-not-for-real-data")
+
+
+def make_collection(root: Path, n: int, shape: tuple[int, int, int]) -> None:
+    import nibabel as nib
+
+    from medssl_scale.synth.dicom import write_series
+    from medssl_scale.synth.phantoms import ct_phantom
+
+    root.mkdir(parents=True)
+    for i in range(n):
+        p = ct_phantom(shape=shape, spacing=(0.8, 0.8, 1.5), seed=i)
+        nib.save(nib.Nifti1Image(p.image, p.affine), root / f"ct_{i:03d}.nii.gz")
+    p = ct_phantom(shape=(shape[0], shape[1], max(8, shape[2] // 2)), seed=999)
+    write_series(root / "dicom", p.image, p.affine, modality="CT", seed=1)
+
+
+def decode_only(src: Path) -> tuple[float, int, int]:
+    """Seconds to read every item with our readers; (seconds, n volumes, decoded bytes)."""
+    from ingest.discover import discover
+    from medssl_scale.io import Limits, dicom, files
+
+    found = discover([src])
+    groups = [[p for p, _ in found.dicom_files]] if found.dicom_files else []
+    t0 = time.perf_counter()
+    n = nbytes = 0
+    for item in found.items:
+        nbytes += files.read_image_file(item.paths[0], Limits()).array.nbytes
+        n += 1
+    for paths in dicom.group_series([dicom.scan_header(p) for g in groups for p in g]):
+        nbytes += dicom.read_series(paths, Limits()).array.nbytes
+        n += 1
+    return time.perf_counter() - t0, n, nbytes
+
+
+def ingest_time(src: Path, workers: int, scratch: Path) -> tuple[float, dict]:
+    from ingest.runner import IngestConfig, run_ingest
+
+    out = scratch / f"ds-{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary, stats = run_ingest(IngestConfig(sources=[src], out=out, workers=workers))
+    dt = time.perf_counter() - t0
+    assert summary["by_status"].get("ok", 0) == stats.processed, summary
+    return dt, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, help="a collection to ingest (default: generate phantoms)")
+    ap.add_argument("--n", type=int, default=8, help="generated CT volumes")
+    ap.add_argument("--shape", default="256,256,160")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="medssl-bench-ingest-"))
+    try:
+        src = args.src
+        if src is None:
+            src = scratch / "collection"
+            make_collection(src, args.n, tuple(int(s) for s in args.shape.split(",")))
+        source_bytes = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+        decode_only(src)  # warm the page cache and imports for every contender alike
+        dec = min(decode_only(src)[0] for _ in range(args.repeat))
+        _, n_vol, decoded = decode_only(src)
+        result: dict = {
+            "bench": "ingest",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "volumes": n_vol,
+            "source_mb": round(source_bytes / 1e6, 1),
+            "decoded_mb": round(decoded / 1e6, 1),
+            "decode_only_s": round(dec, 3),
+        }
+        for w in (1, 2):
+            t = min(ingest_time(src, w, scratch)[0] for _ in range(args.repeat))
+            result[f"ingest_{w}w_s"] = round(t, 3)
+            result[f"volumes_per_s_{w}w"] = round(n_vol / t, 2)
+            result[f"source_mb_per_s_{w}w"] = round(source_bytes / 1e6 / t, 1)
+            result[f"decoded_mb_per_s_{w}w"] = round(decoded / 1e6 / t, 1)
+            result[f"ratio_{w}w"] = round(t / dec, 3)
+        result["aim_ratio_1w"] = 1.5
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
