@@ -22,7 +22,7 @@ CT_CASES, MR_CASES = 4, 2
 
 def build_collection(root: Path) -> Path:
     """Write the sample collection under ``root`` (idempotent: kept if complete)."""
-    done = root / ".complete"
+    done = root.with_name(root.name + ".complete")
     if done.exists():
         return root
     if root.exists():
@@ -134,13 +134,15 @@ def main(args: argparse.Namespace) -> int:
 
     console.rule("[b]1. sample collection")
     collection = build_collection(work / "collection")
-    n_files = sum(1 for f in collection.rglob("*") if f.is_file() and f.name != ".complete")
+    n_files = sum(1 for f in collection.rglob("*") if f.is_file())
     console.print(f"{n_files} files under {collection}: bundled real scans, CT/MR phantoms with labels, a DICOM series, broken files")
 
     console.rule("[b]2. ingest")
     dataset = work / "dataset"
     # --resume is harmless on a finished dataset and finishes one that a Ctrl-C interrupted.
-    cfg = IngestConfig(sources=[collection], out=dataset, workers=args.workers, resume=True, shard_size=64_000_000, secret_file=secret)
+    # Phantoms carry no patient id in their headers: --subject-pattern takes it from the file name.
+    cfg = IngestConfig(sources=[collection], out=dataset, workers=args.workers, resume=True, shard_size=64_000_000,
+                       secret_file=secret, subject_pattern=r"(ct_\d{3}|head_\d{3})")
     code = ingest(cfg)
     if code != 0:
         return code

@@ -54,10 +54,10 @@ def test_ct_phantom(shape):
     m = {name: _median(p, name) for name in p.classes.values()}
     assert m["lungs"] < -700 < 60 < m["liver"] < m["spleen"] < m["kidney_left"] < m["spine"]
     assert abs(m["kidney_left"] - m["kidney_right"]) < 30
-    # Anatomy sits where RAS says: liver on the patient's right (low x), spleen on the left, lungs on top.
+    # Anatomy sits where RAS says: liver on the patient's right (high x), spleen on the left, lungs on top.
     centre = {name: np.argwhere(p.label == k).mean(axis=0) for k, name in p.classes.items()}
-    assert centre["liver"][0] < shape[0] / 2 < centre["spleen"][0]
-    assert centre["kidney_right"][0] < shape[0] / 2 < centre["kidney_left"][0]
+    assert centre["spleen"][0] < shape[0] / 2 < centre["liver"][0]
+    assert centre["kidney_left"][0] < shape[0] / 2 < centre["kidney_right"][0]
     assert centre["lungs"][2] > centre["liver"][2] > centre["kidney_left"][2] - 3
 
 
@@ -134,3 +134,21 @@ def test_modality_inference_reads_a_subsample_of_big_volumes():
     kind, reason = infer_modality(big)
     assert kind == "CT" and "air" in reason
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_ct_anatomy_is_on_the_correct_side_in_ras():
+    """RAS: axis 0 grows toward the patient's right, axis 1 anterior, axis 2 superior."""
+    from medssl_scale.synth.phantoms import CT_CLASSES, ct_phantom
+
+    names = {v: k for k, v in CT_CLASSES.items()}
+    for seed in range(3):
+        p = ct_phantom(seed=seed)
+        centre = (np.array(p.label.shape) - 1) / 2
+
+        def c(name):
+            return np.argwhere(p.label == names[name]).mean(axis=0) - centre
+
+        assert c("liver")[0] > 0 and c("spleen")[0] < 0  # liver on the right, spleen on the left
+        assert c("kidney_left")[0] < 0 < c("kidney_right")[0]
+        assert c("spine")[1] < 0 and c("kidney_left")[1] < 0  # posterior
+        assert c("lungs")[2] > c("liver")[2]  # lungs above the liver

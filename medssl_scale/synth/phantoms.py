@@ -113,9 +113,10 @@ def ct_phantom(shape=(96, 96, 64), spacing=(1.5, 1.5, 2.5), seed: int = 0) -> Ph
         label[box][mask] = value
         hu[box][mask] = intensity
 
-    organ((-0.38 + off(), 0.08 + off(), 0.28 + off()), (0.38 * jit(), 0.42 * jit(), 0.32 * jit()), off(0.3), 1, 105.0)
-    organ((0.55 + off(), -0.25 + off(), 0.35 + off()), (0.14 * jit(), 0.24 * jit(), 0.20 * jit()), off(0.4), 2, 125.0)
-    for value, side, z0 in ((3, 1.0, 0.0), (4, -1.0, -0.08)):
+    # RAS: +x is the patient's right (liver), -x the left (spleen).
+    organ((0.38 + off(), 0.08 + off(), 0.28 + off()), (0.38 * jit(), 0.42 * jit(), 0.32 * jit()), off(0.3), 1, 105.0)
+    organ((-0.55 + off(), -0.25 + off(), 0.35 + off()), (0.14 * jit(), 0.24 * jit(), 0.20 * jit()), off(0.4), 2, 125.0)
+    for value, side, z0 in ((3, -1.0, 0.0), (4, 1.0, -0.08)):  # kidney_left at -x, the right one lower
         c = (side * (0.36 + off(0.03)), -0.40 + off(0.03), z0 + off())
         hilum = ((c[0] - side * 0.11, c[1] + 0.03, c[2]), (0.07, 0.08, 0.11))  # medial notch: a bean
         organ(c, (0.12 * jit(), 0.17 * jit(), 0.26 * jit()), side * off(0.3), value, 180.0, hilum)
