@@ -210,6 +210,8 @@ def _failure(item: Item, base: dict[str, Any], label_name: str | None, e: Except
     log = []
     if isinstance(e, InputError):
         status, reason = e.status, e.reason
+    elif isinstance(e, OSError) and phase == "reading":  # permissions, I/O errors, files vanishing mid-run
+        status, reason = "failed", f"cannot read the file: {e.strerror or type(e).__name__}"
     else:
         status, reason = "failed", f"internal error while {phase}: {type(e).__name__}: {e}"
         log.append(_scrub(item, traceback.format_exc()))

@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import multiprocessing as mp
+from multiprocessing import forkserver
 import os
 import shutil
 import time
@@ -366,6 +367,7 @@ class _Pool:
         # (spawn re-imports everything per worker; plain fork is unsafe next to our threads).
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["ingest.pipeline"])
+        forkserver.ensure_running()  # restarts a server that was killed (the OOM killer picks big processes)
         return cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(self.opts,))
 
     def scan(self, paths: list[str]) -> Iterator[tuple[str, Any]]:
@@ -394,8 +396,8 @@ class _Pool:
             try:
                 while queue or inflight:
                     while queue and len(inflight) < 2 * self.workers:
-                        it = queue.pop()
-                        inflight[self._ex.submit(_work, it)] = it
+                        fut = self._ex.submit(_work, queue[-1])  # raises on a broken pool: pop only once submitted
+                        inflight[fut] = queue.pop()
                     done, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
                     for fut in done:
                         res = fut.result()  # raises BrokenProcessPool if a worker died; the item stays in flight

@@ -46,7 +46,7 @@ def test_to_canonical_lands_in_ras_and_keeps_world_positions(name):
     out, new_affine = to_canonical(arr, affine)
 
     assert nib.aff2axcodes(new_affine) == ("R", "A", "S")
-    assert out.flags.c_contiguous and out.dtype == arr.dtype
+    assert out.flags.f_contiguous and out.dtype == arr.dtype  # the canonical layout: x fastest
     assert sorted(out.shape) == sorted(arr.shape)
     assert sorted(spacing_of(new_affine)) == pytest.approx(sorted(spacing_of(affine)))
     # Every voxel keeps its value at the same world position.
@@ -62,12 +62,13 @@ def test_to_canonical_lands_in_ras_and_keeps_world_positions(name):
     assert np.allclose(new_affine, ref.affine)
 
 
-def test_to_canonical_identity_is_a_contiguous_copy_free_noop_for_ras():
-    arr = np.zeros((4, 5, 6), np.float32)
+def test_to_canonical_is_a_copy_free_noop_for_fortran_ras():
+    """NIfTI decodes Fortran-ordered: an RAS volume must pass through without a copy."""
+    arr = np.asfortranarray(np.zeros((4, 5, 6), np.float32))
     out, aff = to_canonical(arr, AFFINES["ras"])
     assert out is arr and np.array_equal(aff, AFFINES["ras"])
-    fortran = np.asfortranarray(arr)
-    assert to_canonical(fortran, AFFINES["ras"])[0].flags.c_contiguous
+    c_order = np.zeros((4, 5, 6), np.float32)
+    assert to_canonical(c_order, AFFINES["ras"])[0].flags.f_contiguous
 
 
 def test_spacing_and_geometry_are_json_able_and_exact():

@@ -201,6 +201,14 @@ def test_hostile_and_broken_inputs_are_reported_not_fatal(tmp_path):
     (src / "garbage.nii").write_bytes(os.urandom(600))
     (src / "loop").symlink_to(src)
     (src / "dangling.nii.gz").symlink_to(src / "nowhere.nii.gz")
+    (src / "unreadable.nii").symlink_to("/proc/self/mem")  # a regular file to stat(), EIO to read(): runs as root too
+    series = dicom_series(src / "dicom", n=1)
+    (src / "dicom" / "gap").mkdir()
+    for f in series:  # the same series with one slice missing from the middle
+        (src / "dicom" / "gap" / f.name).write_bytes(f.read_bytes())
+        f.unlink()
+    middle = sorted((src / "dicom" / "gap").iterdir(), key=_slice_z)[len(series) // 2]
+    middle.unlink()
     summary, _ = ingest(src, tmp_path / "ds", max_voxels=10_000_000)
     recs = records(tmp_path / "ds")
     assert recs["bad/good.nii.gz"].status == "ok"
@@ -213,7 +221,18 @@ def test_hostile_and_broken_inputs_are_reported_not_fatal(tmp_path):
     assert recs["bad/garbage.nii"].status == "failed"
     assert recs["bad/loop"].status == "failed" and "loop" in recs["bad/loop"].reason
     assert recs["bad/dangling.nii.gz"].status == "failed" and "broken symlink" in recs["bad/dangling.nii.gz"].reason
-    assert summary["failed_total"] == 6
+    assert recs["bad/unreadable.nii"].status == "failed" and recs["bad/unreadable.nii"].reason.startswith("cannot read the file")
+    gap = next(r for s, r in recs.items() if s.startswith("bad/dicom/gap#series-"))
+    assert gap.status == "failed" and "missing" in gap.reason and len(gap.files) == len(series) - 1
+    assert summary["failed_total"] == 8
+
+
+def _slice_z(path):
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    normal = np.cross(np.array(ds.ImageOrientationPatient[:3], float), np.array(ds.ImageOrientationPatient[3:], float))
+    return float(np.dot(normal, np.array(ds.ImagePositionPatient, float)))
 
 
 def test_cli_exit_codes(tmp_path):

@@ -98,28 +98,41 @@ def test_killed_twice_including_during_resume(collection, reference, tmp_path):
     assert_same_dataset(reference, out)
 
 
-def test_a_worker_killed_mid_run_does_not_lose_items(collection, reference, tmp_path):
-    """The OOM killer takes a worker: its items are retried in isolation and the run completes."""
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def _cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return b""
+
+
+def _pool_processes(ingest_pid):
+    """(forkserver pid, worker pids): workers are forked by the forkserver, a child of the ingest."""
+    for child in _children(ingest_pid):
+        if b"forkserver" in _cmdline(child):
+            return child, _children(child)
+    return None, []
+
+
+@pytest.mark.parametrize("victim", ["worker", "forkserver"])
+def test_a_killed_pool_process_does_not_lose_items(collection, reference, tmp_path, victim):
+    """The OOM killer takes a worker, or the forkserver: in-flight items are retried and the run completes."""
     out = tmp_path / "ds"
     ds = DatasetDir(out)
     proc = _start(collection, out)
     t0 = time.monotonic()
-    victim = None
-    while victim is None and time.monotonic() - t0 < 60 and proc.poll() is None:
+    target = None
+    while target is None and time.monotonic() - t0 < 60 and proc.poll() is None:
         if _lines(ds.manifest) >= 3:
-            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            # the spawn context's resource tracker is a child too; workers are the ones running medssl code
-            for pid in kids:
-                try:
-                    cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-                except OSError:
-                    continue
-                if b"resource_tracker" not in cmdline:
-                    victim = int(pid)
-                    break
+            server, workers = _pool_processes(proc.pid)
+            target = server if victim == "forkserver" else (workers[0] if workers else None)
         time.sleep(0.002)
-    assert victim is not None, "no worker process found"
-    os.kill(victim, signal.SIGKILL)
+    assert target is not None, f"no {victim} process found"
+    os.kill(target, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert check_dataset(ds) == []
