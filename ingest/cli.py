@@ -102,6 +102,13 @@ def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True)
     except (OutputError, SourceError, SecretError) as e:
         err.print(f"[red]medssl ingest: {e}")
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        err.print(f"[yellow]medssl ingest: interrupted; rerun the same command with --resume to finish {cfg.out}")
+        return 130
+    except Exception:  # not an input's fault (inputs become records): say so, keep it apart from --strict's 1
+        err.print_exception(max_frames=8)
+        err.print(f"[red]medssl ingest: stopped by an internal error; fix the cause, then rerun with --resume to finish {cfg.out}")
+        return EXIT_ERROR
     Console().print(render(summary, title=f"ingest into {cfg.out}"))
     if summary["failed_total"]:
         err.print(f"[yellow]{summary['failed_total']} input(s) failed: reasons in {cfg.out}/manifest.jsonl and {cfg.out}/logs/")

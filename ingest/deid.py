@@ -93,17 +93,19 @@ class Pseudonymizer:
         return hmac.new(self._secret, b"medssl-fingerprint", hashlib.sha256).hexdigest()[:16]
 
     def path(self, relpath: str) -> str:
-        """A source path as a keyed hash, keeping the suffix so the format stays visible."""
-        name = relpath.rsplit("/", 1)[-1]
-        suffix = ""
-        for ext in (".nii.gz", ".tar.gz"):
-            if name.lower().endswith(ext):
-                suffix = name[-len(ext):]
-                break
-        else:
-            if "." in name:
-                suffix = name[name.rfind("."):]
+        """A source path as a keyed hash, keeping a known image suffix so the format stays visible.
+
+        Only suffixes from a fixed list survive: 'Doe.Jane' or 'MRN.123456' must not.
+        """
+        name = relpath.split("#", 1)[0].rsplit("/", 1)[-1].lower()
+        suffix = next((ext for ext in KNOWN_SUFFIXES if name.endswith(ext)), "")
         return f"{self('path', relpath)}{suffix}"
+
+
+KNOWN_SUFFIXES = (
+    ".nii.gz", ".nii", ".hdr", ".img", ".img.gz", ".mgz", ".mgh", ".mnc", ".par", ".rec", ".head", ".brik", ".brik.gz",
+    ".nrrd", ".nhdr", ".mha", ".mhd", ".raw", ".raw.gz", ".zraw", ".dcm", ".dicom", ".ima", ".json", ".txt",
+)
 
 
 def scrub(text: str, values: Iterable[str]) -> str:

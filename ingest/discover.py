@@ -102,6 +102,12 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
     companions_seen: dict[str, str] = {}  # abs path -> source name
 
     def visit_file(path: str, name: str) -> None:
+        try:
+            classify(path, name)
+        except Exception as e:  # e.g. a header naming a data file whose name is too long: report, go on
+            found.problems.append(Problem(name, "failed", f"unreadable: {type(e).__name__}"))
+
+    def classify(path: str, name: str) -> None:
         base = os.path.basename(path)
         if base.startswith("."):
             found.problems.append(Problem(name, "skipped", "hidden file"))
@@ -124,7 +130,7 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
 
     claimed: set[str] = set()
     for path, (name, _fmt) in sorted(images.items()):
-        comp = [str(c) for c in files.companions(path)]
+        comp = _companions(path)
         claimed.update(comp)
         names = [name] + [companions_seen.get(c) or _sibling_name(name, c) for c in comp]
         item = Item("file", name, [path, *comp], names, modality_for(name, overrides))
@@ -133,7 +139,7 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
             item.label_path = label
             item.label_source = labels.pop(label)[0]
             item.classes = _class_names(Path(label).parent)
-            claimed.update(str(c) for c in files.companions(label))
+            claimed.update(_companions(label))
         found.items.append(item)
     for path, (name, _fmt) in sorted(labels.items()):
         found.problems.append(Problem(name, "skipped", "label map without a matching image", kind="label"))
@@ -141,6 +147,14 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
         if path not in claimed:
             found.problems.append(Problem(name, "skipped", "data file without its header file"))
     return found
+
+
+def _companions(path: str) -> list[str]:
+    """Data files named by a header; none if the header is too broken to say (its read fails later, with a reason)."""
+    try:
+        return [str(c) for c in files.companions(path)]
+    except Exception:
+        return []
 
 
 def _sibling_name(name: str, path: str) -> str:

@@ -148,6 +148,8 @@ def _label_array(path: str, image_raw: RawVolume, limits: Limits) -> np.ndarray:
     if a.min() < 0:
         raise FailedInput("label map has negative values")
     top = int(a.max())
+    if top >= 2**32:
+        raise FailedInput(f"label map has values up to {top}, beyond 32-bit label ids")
     return a.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
 
 
@@ -180,15 +182,19 @@ def process_item(item: Item, opts: Options) -> Result:
     return prep if isinstance(prep, Result) else commit(prep, opts)
 
 
+def item_names(item: Item, opts: Options) -> tuple[dict[str, Any], str | None]:
+    """The manifest fields naming an item (hashed under --hash-paths), and its label's name."""
+    pseud = Pseudonymizer(opts.secret)
+    name = pseud.path if opts.hash_paths else (lambda n: n)
+    base: dict[str, Any] = {"source": name(item.source)}
+    if len(item.names) > 1:
+        base["files"] = sorted(name(n) for n in item.names)
+    return base, (name(item.label_source) if item.label_source else None)
+
+
 def prepare(item: Item, opts: Options) -> Prepared | Result:
     """Hash, decode, check and canonicalise; a Result when the item ends here (skipped/failed)."""
-    pseud = Pseudonymizer(opts.secret)
-    base: dict[str, Any] = {"source": pseud.path(item.source) if opts.hash_paths else item.source}
-    if len(item.names) > 1:
-        base["files"] = sorted(pseud.path(n) for n in item.names) if opts.hash_paths else sorted(item.names)
-    label_name = None
-    if item.label_source:
-        label_name = pseud.path(item.label_source) if opts.hash_paths else item.label_source
+    base, label_name = item_names(item, opts)
     try:
         sha, size, mtime = file_digest(item.paths)
         base.update(source_sha256=sha, source_bytes=size, source_mtime_ns=mtime)
@@ -205,6 +211,13 @@ def commit(prep: Prepared, opts: Options) -> Result:
         return _failure(prep.item, prep.base, prep.label_name, e, "writing")
 
 
+def crashed(item: Item, opts: Options) -> Result:
+    """The records of an item whose reader process died (twice: once in the pool, once alone)."""
+    base, label_name = item_names(item, opts)
+    reason = "the reader process died on this input (a decoder crash, or not enough memory for it)"
+    return _failure(item, base, label_name, FailedInput(reason), "reading")
+
+
 def _failure(item: Item, base: dict[str, Any], label_name: str | None, e: Exception, phase: str) -> Result:
     """A skipped/failed record for an InputError; a failed one naming anything unforeseen (the run goes on)."""
     log = []
@@ -217,8 +230,19 @@ def _failure(item: Item, base: dict[str, Any], label_name: str | None, e: Except
         log.append(_scrub(item, traceback.format_exc()))
     recs = [ManifestRecord(status=status, reason=_scrub(item, reason), **base)]
     if label_name:
-        recs.append(ManifestRecord(source=label_name, kind="label", status="skipped", reason=f"its image was {status}"))
+        recs.append(_label_record(item, label_name, "skipped", reason=f"its image was {status}"))
     return Result(recs, log=log)
+
+
+def _label_record(item: Item, label_name: str, status: str, **fields: Any) -> ManifestRecord:
+    """A label's record carries its file's size and mtime, so an edited label map is noticed on a re-run."""
+    try:
+        st = os.stat(item.label_path) if item.label_path else None
+    except OSError:
+        st = None
+    if st is not None:
+        fields.update(source_bytes=st.st_size, source_mtime_ns=st.st_mtime_ns)
+    return ManifestRecord(source=label_name, kind="label", status=status, **fields)
 
 
 def _canonicalise(item: Item, raw: RawVolume, opts: Options, base: dict[str, Any], label_name: str | None) -> Prepared:
@@ -283,13 +307,21 @@ def _commit(prep: Prepared, opts: Options) -> Result:
         present = sorted(int(v) for v in np.unique(label_arr) if v != 0)
         classes = {str(v): (item.classes or {}).get(str(v), str(v)) for v in present}
 
-    owner, nbytes, sample = _store(DatasetDir(opts.out), opts, vid, image, attrs, label_arr, classes, geo)
+    ds = DatasetDir(opts.out)
+    owner, nbytes, sample, wrote = _store(ds, opts, vid, image, attrs, label_arr, classes, geo)
     if owner != base["source"]:
         recs = [ManifestRecord(status="skipped", reason=f"duplicate of {vid} (same content as {owner})", duplicate_of=vid, **base)]
         if prep.label_name:
-            recs.append(ManifestRecord(source=prep.label_name, kind="label", status="skipped", reason=f"its image is a duplicate of {vid}"))
+            recs.append(_label_record(item, prep.label_name, "skipped", reason=f"its image is a duplicate of {vid}"))
         return Result(recs)
 
+    warnings, label_err = list(prep.warnings), prep.label_err
+    if not wrote and label_arr is not None:  # this item's volume was stored by an earlier run
+        label_err, added = _attach_label(ds, opts, vid, label_arr, classes, geo)
+        if added:
+            warnings.append("label map added after the volume was sharded: it is in labels.zarr, not in the shard sample")
+        if label_err:
+            label_arr = None
     recs = [
         ManifestRecord(
             status="ok",
@@ -304,79 +336,102 @@ def _commit(prep: Prepared, opts: Options) -> Result:
             label_source=prep.label_name if label_arr is not None else None,
             patient=patient,
             study=study,
-            warnings=prep.warnings or None,
+            warnings=warnings or None,
             **base,
         )
     ]
-    if prep.label_name and prep.label_err:
-        recs.append(ManifestRecord(source=prep.label_name, kind="label", status="failed", reason=_scrub(item, prep.label_err), volume_id=vid))
+    if prep.label_name and label_err:
+        recs.append(_label_record(item, prep.label_name, "failed", reason=_scrub(item, label_err), volume_id=vid))
     elif prep.label_name:
-        recs.append(ManifestRecord(source=prep.label_name, kind="label", status="ok", volume_id=vid, shape=list(label_arr.shape)))
+        recs.append(_label_record(item, prep.label_name, "ok", volume_id=vid, shape=list(label_arr.shape)))
     return Result(recs, nbytes, sample=sample)
 
 
-def _store(ds: DatasetDir, opts: Options, vid: str, image: np.ndarray, attrs: dict[str, Any],
-           label: np.ndarray | None, classes: dict[str, str] | None, geo: dict[str, Any]) -> tuple[str, int, Any]:
-    """Write volume, label and shard sample unless the content is already owned.
+def _attach_label(ds: DatasetDir, opts: Options, vid: str, label: np.ndarray, classes: dict[str, str] | None,
+                  geo: dict[str, Any]) -> tuple[str | None, bool]:
+    """A label map for a volume stored earlier: (error, added). Stored labels are never replaced."""
+    labels = label_store(ds, opts.layout)
+    if labels.exists(vid):
+        if np.array_equal(labels.read(vid), label):
+            return None, False
+        return "differs from the label map already stored for this volume (labels are never replaced: ingest into a new dataset)", False
+    labels.write(vid, label, {"volume_id": vid, "classes": classes, **geo})
+    return None, True
 
-    Returns (owner, bytes written, the shard sample when ``direct_shards``).
+
+def _store(ds: DatasetDir, opts: Options, vid: str, image: np.ndarray, attrs: dict[str, Any],
+           label: np.ndarray | None, classes: dict[str, str] | None, geo: dict[str, Any]) -> tuple[str, int, Any, bool]:
+    """Write volume, label and shard sample unless the content is already stored.
+
+    Returns (owner, bytes written, the shard sample when ``direct_shards``, whether this call wrote).
 
     Identical content may arrive from two workers at once. Whoever creates the
     claim file first (O_EXCL) owns the volume id and writes everything; the
-    other reports a duplicate of that owner. The owner's name is kept in the
-    volume's attributes, so later runs and a resumed run know it too.
+    other waits until the volume exists, then reports a duplicate of it, so a
+    duplicate never points at a volume that is not there. A claim whose
+    process died (a killed worker) is taken over. The owner's name is kept in
+    the volume's attributes, so later runs and a resumed run know it too.
     """
     volumes, labels = volume_store(ds, opts.layout), label_store(ds, opts.layout)
-    if volumes.exists(vid):
-        return volumes.attrs(vid).get("source", "an earlier input"), 0, None
+    me = attrs["source"]
     claims = ds.tmp / "claims"
     claims.mkdir(parents=True, exist_ok=True)
     claim = claims / vid
     while True:
+        if volumes.exists(vid):
+            return volumes.attrs(vid).get("source", "an earlier input"), 0, None, False
         try:
             fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             break
         except FileExistsError:
-            owner = _claim_owner(claim, volumes, vid)
-            if owner and owner != attrs["source"]:
-                return owner, 0, None
-            if volumes.exists(vid):
-                return volumes.attrs(vid).get("source", "an earlier input"), 0, None
-            # Our own claim (an earlier attempt at this item died with its worker) or a stale one: take over.
-            claim.unlink(missing_ok=True)
+            pid, owner = _read_claim(claim)
+            if pid is not None and pid != os.getpid() and _alive(pid) and owner != me:
+                time.sleep(0.01)  # the owner is writing: wait for its volume
+                continue
+            claim.unlink(missing_ok=True)  # its process died, or it is our own dead attempt: take over
     with os.fdopen(fd, "w") as f:
-        f.write(attrs["source"])
+        f.write(f"{os.getpid()} {me}")
     try:
+        if volumes.exists(vid):  # published by the owner we waited on, just before it let go of the claim
+            return volumes.attrs(vid).get("source", "an earlier input"), 0, None, False
         nbytes = 0
         # The label first: the volume's arrival is what marks the pair complete for a resumed run.
         if label is not None and labels.write(vid, label, {"volume_id": vid, "classes": classes, **geo}):
             nbytes += labels.nbytes_stored(vid)
-        volumes.write(vid, image, attrs)
+        if not volumes.write(vid, image, attrs):
+            return volumes.attrs(vid).get("source", "an earlier input"), nbytes, None, False
         nbytes += volumes.nbytes_stored(vid)
         meta = sample_meta(attrs, image, classes)
         if opts.direct_shards:
-            return attrs["source"], nbytes, (image, meta, label)
+            return me, nbytes, (image, meta, label), True
         write_sample_fragment(ds, vid, image, meta, label, opts.shard_codec)
-        return attrs["source"], nbytes, None
-    except BaseException:
-        claim.unlink(missing_ok=True)  # let an identical input try again
-        raise
+        return me, nbytes, None, True
+    finally:
+        claim.unlink(missing_ok=True)  # the volume exists now, or this attempt failed: either way, done
 
 
-def _claim_owner(claim: Path, volumes: Any, vid: str) -> str:
-    """Who holds a claim; "" for a stale one (its claimer died before writing its name)."""
-    # The claimer writes its name right after creating the file: wait the instant that takes.
-    for _ in range(200):
+def _read_claim(claim: Path) -> tuple[int | None, str]:
+    """(pid, owner) of a claim; (None, "") when absent or not yet written (the claimer writes it at once)."""
+    for _ in range(100):
         try:
-            owner = claim.read_text()
-        except FileNotFoundError:  # the claimer failed and let go: the volume may exist
-            if volumes.exists(vid):
-                return volumes.attrs(vid).get("source", "an earlier input")
-            return ""
-        if owner:
-            return owner
+            text = claim.read_text()
+        except FileNotFoundError:
+            return None, ""
+        if text:
+            pid, _, owner = text.partition(" ")
+            return int(pid), owner
         time.sleep(0.005)
-    return ""
+    return None, ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sample_meta(attrs: dict[str, Any], image: np.ndarray, classes: dict[str, str] | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def check_dataset(ds: DatasetDir, verify_checksums: bool = True) -> list[str]:
     problems: list[str] = []
     if not ds.manifest.exists():
         return [f"no manifest at {ds.manifest}: not a dataset directory"]
-    records = latest(read_manifest(ds.manifest)).values()
+    records = list(latest(read_manifest(ds.manifest)).values())
     vols, labs = volume_store(ds), label_store(ds)
     stored = set(vols.ids())
     ok_ids, labelled = set(), set()
@@ -37,12 +37,22 @@ def check_dataset(ds: DatasetDir, verify_checksums: bool = True) -> list[str]:
         problems.append(f"volumes.zarr/{vid} is not referenced by any manifest record")
     for vid in sorted(set(labs.ids()) - labelled):
         problems.append(f"labels.zarr/{vid} belongs to no labelled volume in the manifest")
+    for r in records:
+        if r.duplicate_of and r.duplicate_of not in stored:
+            problems.append(f"{r.source}: duplicate of {r.duplicate_of}, which is not in volumes.zarr")
     sharded = [v for s in read_index(ds)["shards"] for v in s["volume_ids"]]
     if len(sharded) != len(set(sharded)):
         problems.append("a volume appears in more than one shard")
     missing = ok_ids - set(sharded)
     if missing:
         problems.append(f"{len(missing)} ok volume(s) are in no shard, e.g. {sorted(missing)[0]}")
+    unknown = set(sharded) - ok_ids
+    if unknown:
+        problems.append(f"{len(unknown)} sharded volume(s) have no ok manifest record, e.g. {sorted(unknown)[0]}")
+    recorded = {s["name"] for s in read_index(ds)["shards"]}
+    for f in sorted(ds.shards.glob("*.tar")) if ds.shards.exists() else []:
+        if f.name not in recorded:
+            problems.append(f"shards/{f.name} is not in shards/index.json")
     if verify_checksums:
         problems += verify_shards(ds)
     for leftover in (ds.tmp, ds.pending, ds.lock):

@@ -140,3 +140,11 @@ def test_shard_meta_carries_pseudonyms_only(ingested):
                 elif m.name.endswith(".npy.gz"):
                     arr = np.load(__import__("io").BytesIO(gzip.decompress(tf.extractfile(m).read())))
                     assert arr.ndim == 3
+
+
+def test_hashed_paths_keep_only_known_image_suffixes():
+    p = Pseudonymizer(b"k" * 32)
+    assert p.path("hospA/Doe.Jane#series-abc").startswith("src-") and "Jane" not in p.path("hospA/Doe.Jane#series-abc")
+    assert "123456" not in p.path("hospA/MRN.123456")
+    assert p.path("hospA/Smith, J. 1961-04-02/CT.Thorax").count(".") == 0
+    assert p.path("hospA/case.nii.gz").endswith(".nii.gz") and p.path("x/IM0001.dcm").endswith(".dcm")

@@ -262,3 +262,89 @@ def test_an_interrupted_dataset_needs_resume(tmp_path):
         ingest(src, ds.root)
     ingest(src, ds.root, resume=True)
     assert not ds.lock.exists() and check_dataset(ds) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_damaged_dicom_header_fails_alone(tmp_path, workers):
+    """pydicom converts some values lazily: a bad VR byte raises late, and must not stop the run."""
+    src = tmp_path / "src"
+    files = dicom_series(src / "dicom", n=2)
+    victim = files[0]
+    data = bytearray(victim.read_bytes())
+    i = data.find(b"\x08\x00\x60\x00CS")  # Modality (0008,0060) with an unknown VR
+    data[i + 4 : i + 6] = b"Q!"
+    victim.write_bytes(bytes(data))
+    hdr = src / "weird.nhdr"  # an NRRD header naming a data file longer than any file name may be
+    hdr.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: " + "a" * 300 + ".raw\n")
+    summary, _ = ingest(src, tmp_path / "ds", workers=workers)
+    recs = records(tmp_path / "ds")
+    assert recs[f"src/dicom/{victim.name}"].status == "failed" and "malformed header" in recs[f"src/dicom/{victim.name}"].reason
+    assert recs["src/weird.nhdr"].status == "failed"
+    # the damaged file was an end slice (paths come in spatial order): its series is one slice shorter
+    series = sorted(r.shape[2] for s, r in recs.items() if "#series-" in s and r.status == "ok")
+    assert summary["by_status"]["ok"] == 2 and series == [11, 12]
+
+
+def test_a_label_added_or_edited_later(tmp_path):
+    src = phantom_collection(tmp_path / "src", n_ct=1, n_mr=0)
+    lab = src / "labelsTr/ct_000.nii.gz"
+    moved = tmp_path / "later.nii.gz"
+    lab.rename(moved)
+    ingest(src, tmp_path / "ds")
+    r = records(tmp_path / "ds")["src/imagesTr/ct_000_0000.nii.gz"]
+    assert r.has_label is False
+    moved.rename(lab)  # the label map arrives later
+    _, stats = ingest(src, tmp_path / "ds")
+    assert stats.processed == 1
+    recs = records(tmp_path / "ds")
+    r = recs["src/imagesTr/ct_000_0000.nii.gz"]
+    assert r.has_label and any("added after" in w for w in r.warnings)
+    ds = DatasetDir(tmp_path / "ds")
+    np.testing.assert_array_equal(label_store(ds).read(r.volume_id), nib.as_closest_canonical(nib.load(lab)).get_fdata())
+    assert check_dataset(ds) == []
+    _, stats = ingest(src, tmp_path / "ds")
+    assert stats.processed == 0  # unchanged now
+    edited = nib.load(lab)
+    arr = np.asarray(edited.dataobj).copy()
+    arr[arr == 1] = 2
+    nib.save(nib.Nifti1Image(arr, edited.affine), lab)  # an edit: stored labels are never replaced
+    ingest(src, tmp_path / "ds")
+    recs = records(tmp_path / "ds")
+    assert recs["src/labelsTr/ct_000.nii.gz"].status == "failed" and "differs" in recs["src/labelsTr/ct_000.nii.gz"].reason
+    assert recs["src/imagesTr/ct_000_0000.nii.gz"].status == "ok"
+
+
+def test_out_must_be_new_empty_or_a_dataset(tmp_path):
+    src = phantom_collection(tmp_path / "src", n_ct=1, n_mr=0)
+    mine = tmp_path / "my-folder"
+    (mine / ".tmp").mkdir(parents=True)
+    (mine / ".tmp" / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not empty and not a medssl dataset"):
+        ingest(src, mine)
+    assert (mine / ".tmp" / "precious.txt").read_text() == "keep me"
+
+
+def test_settings_are_pinned_and_one_writer_at_a_time(tmp_path):
+    from medssl_scale.store.layout import WriterLock
+
+    src = phantom_collection(tmp_path / "src", n_ct=1, n_mr=0)
+    ingest(src, tmp_path / "ds")
+    with pytest.raises(OutputError, match="other settings: spacing"):
+        ingest(src, tmp_path / "ds", spacing=(2.0, 2.0, 2.0))
+    held = WriterLock(DatasetDir(tmp_path / "ds").lock).acquire()  # another ingest, running
+    try:
+        with pytest.raises(OutputError, match="another ingest is writing"):
+            ingest(src, tmp_path / "ds")
+    finally:
+        held.release(finished=True)
+    ingest(src, tmp_path / "ds")  # free again, and not "interrupted"
+
+
+def test_a_crashed_items_label_still_gets_a_record(tmp_path):
+    from ingest.discover import Item
+    from ingest.pipeline import Options, crashed
+
+    item = Item("file", "s/img.nii.gz", ["/x/img.nii.gz"], ["s/img.nii.gz"], label_path="/x/labels/img.nii.gz", label_source="s/labels/img.nii.gz")
+    res = crashed(item, Options(out=tmp_path, secret=b"s" * 32))
+    assert [(r.kind, r.status) for r in res.records] == [("image", "failed"), ("label", "skipped")]
+    assert "died" in res.records[0].reason

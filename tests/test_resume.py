@@ -137,3 +137,26 @@ def test_a_killed_pool_process_does_not_lose_items(collection, reference, tmp_pa
     assert proc.returncode == 0, err.decode()
     assert check_dataset(ds) == []
     assert_same_dataset(reference, out)
+
+
+def test_workers_do_not_outlive_a_killed_ingest(collection, tmp_path):
+    """kill -9 of the ingest alone (not its process group): its workers must stop, not write on."""
+    out = tmp_path / "ds"
+    ds = DatasetDir(out)
+    proc = _start(collection, out)
+    t0 = time.monotonic()
+    workers = []
+    while not workers and time.monotonic() - t0 < 60 and proc.poll() is None:
+        if _lines(ds.manifest) >= 2:
+            _, workers = _pool_processes(proc.pid)
+        time.sleep(0.002)
+    assert workers, "no worker processes found"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{w}") and b"" != _cmdline(w) for w in workers):
+        time.sleep(0.05)
+    alive = [w for w in workers if _cmdline(w)]
+    for w in alive:  # do not leave them behind if the test fails
+        os.kill(w, signal.SIGKILL)
+    assert alive == []

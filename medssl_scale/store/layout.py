@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -63,8 +65,60 @@ class DatasetDir:
         """Present while an ingest runs; left behind by a killed one."""
         return self.root / ".ingest-running"
 
-    def exists(self) -> bool:
-        return self.manifest.exists() or self.volumes.exists()
+    @property
+    def settings(self) -> Path:
+        """How the dataset was ingested (secret fingerprint, spacing, layout): later runs must agree."""
+        return self.root / "ingest.json"
+
+    def is_dataset(self) -> bool:
+        return any(p.exists() for p in (self.manifest, self.settings, self.lock))
+
+
+class LockedError(RuntimeError):
+    pass
+
+
+class WriterLock:
+    """One writer per dataset: an flock held for the run, on a file that outlives a killed run.
+
+    ``interrupted`` tells whether the previous writer died without finishing
+    (the file was there, unlocked, with its owner's note in it).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd = -1
+        self.interrupted = False
+
+    def acquire(self) -> WriterLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockedError(f"another ingest is writing {self.path.parent}") from None
+            try:  # the file we locked may have been unlinked by a writer finishing just now
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.interrupted = bool(os.read(fd, 4096).strip())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self, finished: bool) -> None:
+        """``finished``: the run completed, so the marker goes; otherwise it stays for --resume."""
+        if self._fd < 0:
+            return
+        if finished:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = -1
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

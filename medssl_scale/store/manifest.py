@@ -111,7 +111,9 @@ class ManifestAppender:
 
     def append(self, *records: ManifestRecord) -> None:
         """One write(2) for all of an item's records: a kill leaves all of them or none."""
-        os.write(self._fd, "".join(r.to_line() for r in records).encode("utf-8"))
+        data = memoryview("".join(r.to_line() for r in records).encode("utf-8"))
+        while data:  # a regular file takes it in one write; loop in case it does not
+            data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
         if self._fd >= 0:

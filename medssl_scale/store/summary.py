@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def summarize(ds: DatasetDir, records: list[ManifestRecord] | None = None) -> di
     for r in images:
         by_modality.setdefault(r.modality or "unknown", Counter())[r.status] += 1
     index = read_index(ds)
-    reasons = Counter("duplicate of an ingested volume" if r.duplicate_of else r.reason for r in records if r.status == "skipped")
+    reasons = Counter(_reason_kind(r.reason or "") for r in records if r.status == "skipped")
     return {
         "items": len(records),
         "by_status": dict(Counter(r.status for r in images)),
@@ -53,6 +54,13 @@ def summarize(ds: DatasetDir, records: list[ManifestRecord] | None = None) -> di
         "failed": [{"source": r.source, "kind": r.kind, "reason": r.reason} for r in records if r.status == "failed"][:MAX_LISTED],
         "failed_total": sum(r.status == "failed" for r in records),
     }
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons that differ only in ids and numbers ("4D image with 2 volumes (…)", "duplicate of v…")."""
+    reason = re.sub(r"\bv[0-9a-f]{19}\b", "a stored volume", reason)
+    reason = re.sub(r"\s*\([^)]*\)", "", reason)
+    return re.sub(r"\d+", "N", reason)
 
 
 def _prod(shape: list[int] | None) -> int:

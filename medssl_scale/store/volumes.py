@@ -18,6 +18,7 @@ group, so readers and a resumed ingest never see a partial volume.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import uuid
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from medssl_scale.store.layout import DatasetDir, publish_dir
+from medssl_scale.store.layout import DatasetDir, atomic_write_text, publish_dir
 
 _FAST_CODECS: bool | None = None
 
@@ -83,8 +84,8 @@ class ArrayStore:
 
     def ensure(self) -> None:
         if not (self.path / "zarr.json").exists():
-            # Created in one step by zarr; a crash before it leaves no zarr.json, and we redo it.
-            zarr.open_group(str(self.path), mode="a", zarr_format=3)
+            # The group's metadata, written atomically: a torn one would never be repaired.
+            atomic_write_text(self.path / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
 
     def exists(self, volume_id: str) -> bool:
         return (self.path / volume_id / "zarr.json").exists()
