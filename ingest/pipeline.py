@@ -23,7 +23,7 @@ import numpy as np
 from ingest.deid import Pseudonymizer, scrub
 from ingest.discover import Item
 from medssl_scale.io import FailedInput, InputError, Limits, RawVolume, dicom, files
-from medssl_scale.io.canonical import geometry, resample, spacing_of, to_canonical
+from medssl_scale.io.canonical import geometry, resample, to_canonical
 from medssl_scale.io.modality import infer_modality
 from medssl_scale.store.layout import DatasetDir
 from medssl_scale.store.manifest import ManifestRecord

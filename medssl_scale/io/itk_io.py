@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medssl_scale.io.types import FailedInput, InputError, Limits, RawVolume, SkippedInput
+from medssl_scale.io.types import FailedInput, InputError, Limits, RawVolume, SkippedInput, reader_errors
 
 MAX_HEADER_BYTES = 1 << 20  # a real header is a few kB; more is hostile or not a header
 MAX_DATA_FILES = 65_536
@@ -273,11 +273,5 @@ def read_itk(path: str | os.PathLike[str], limits: Limits = Limits()) -> RawVolu
     """Read a NRRD or MetaImage volume; raises SkippedInput / FailedInput for
     anything that is not a readable 3D scalar volume."""
     path = Path(path)
-    try:
+    with reader_errors(f"{itk_format(path)} file"):
         return _read(path, limits)
-    except InputError:
-        raise
-    except MemoryError as e:
-        raise FailedInput("not enough memory to hold the image the header declares") from e
-    except Exception as e:  # a bad file must never crash the ingest
-        raise FailedInput(f"unreadable {itk_format(path)} file ({type(e).__name__})") from e

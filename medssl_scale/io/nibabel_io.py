@@ -23,7 +23,7 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.minc1 import Minc1Image
 
-from medssl_scale.io.types import FailedInput, InputError, Limits, RawVolume, SkippedInput
+from medssl_scale.io.types import FailedInput, InputError, Limits, RawVolume, SkippedInput, reader_errors
 
 _FORMATS = {  # nibabel class name -> RawVolume.format
     "Nifti1Image": "nifti1", "Nifti2Image": "nifti2",
@@ -232,14 +232,7 @@ def _read(path: Path, limits: Limits) -> RawVolume:
 def read_nibabel(path: str | os.PathLike[str], limits: Limits = Limits()) -> RawVolume:
     """Read one 3D volume with nibabel; SkippedInput / FailedInput otherwise."""
     path = Path(path)
-    try:
-        # nibabel warns with header details; those must not reach logs.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _read(path, limits)
-    except InputError:
-        raise
-    except MemoryError as e:
-        raise FailedInput("not enough memory to hold the image the header declares") from e
-    except Exception as e:  # a bad file must never crash the ingest
-        raise FailedInput(f"unreadable file ({type(e).__name__})") from e
+    # nibabel warns with header details; those must not reach logs.
+    with reader_errors("file"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read(path, limits)

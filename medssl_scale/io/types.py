@@ -14,7 +14,9 @@ on. Reasons never contain header values: they may be identifying.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,6 +40,23 @@ class SkippedInput(InputError):
 
 class FailedInput(InputError):
     status = "failed"
+
+
+@contextlib.contextmanager
+def reader_errors(what: str) -> Iterator[None]:
+    """Let InputError through; turn anything else a library raises into a FailedInput naming ``what``.
+
+    A bad file must never crash the ingest, and a library's message may echo
+    header text, so only the exception type is kept.
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except MemoryError as e:
+        raise FailedInput("not enough memory to hold the image the header declares") from e
+    except Exception as e:
+        raise FailedInput(f"unreadable {what} ({type(e).__name__})") from e
 
 
 @dataclasses.dataclass(frozen=True)
