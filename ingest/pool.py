@@ -20,6 +20,10 @@ from medssl_scale.io import FailedInput, InputError, dicom
 
 T = TypeVar("T")
 
+# What a dead pool looks like from here: a dead worker breaks the pool; a dead
+# forkserver makes the next spawn fail to connect (or read its reply).
+POOL_DOWN = (BrokenProcessPool, ConnectionError, EOFError)
+
 _OPTS: Options | None = None
 
 
@@ -127,9 +131,10 @@ class Pool:
                     for fut in done:
                         res = fut.result()  # raises BrokenProcessPool if a worker died; the item stays in flight
                         yield inflight.pop(fut), res
-            except BrokenProcessPool:
+            except POOL_DOWN:
                 self._ex.shutdown(cancel_futures=True)
                 self._ex = None
+                time.sleep(0.1)  # let a killed forkserver become reapable, so ensure_running() restarts it
                 suspects = []
                 for fut, it in inflight.items():
                     if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -140,13 +145,17 @@ class Pool:
                     yield it, self._isolated(fn, it, on_crash)
 
     def _isolated(self, fn: Callable[[T], Any], item: T, on_crash: Callable[[T], Any]) -> Any:
-        ex = self._executor(1)
-        try:
-            return ex.submit(fn, item).result()
-        except BrokenProcessPool:
-            return on_crash(item)
-        finally:
-            ex.shutdown(cancel_futures=True)
+        for _ in range(3):
+            ex = self._executor(1)
+            try:
+                return ex.submit(fn, item).result()
+            except BrokenProcessPool:
+                return on_crash(item)  # it killed its own worker: the item is the culprit
+            except POOL_DOWN:
+                time.sleep(0.1)  # the forkserver was down: not the item's fault, try again
+            finally:
+                ex.shutdown(cancel_futures=True)
+        return on_crash(item)
 
 
 def _pipelined(items: list[Item], opts: Options, handle: Callable[[Result], None]) -> None:
