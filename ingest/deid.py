@@ -15,7 +15,7 @@ import hmac
 import os
 import secrets
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 SECRET_ENV = "MEDSSL_SITE_SECRET"
@@ -91,6 +91,10 @@ class Pseudonymizer:
     def fingerprint(self) -> str:
         """Tells whether two datasets share a secret, without revealing it."""
         return hmac.new(self._secret, b"medssl-fingerprint", hashlib.sha256).hexdigest()[:16]
+
+    def namer(self, hashed: bool) -> Callable[[str], str]:
+        """How source names are recorded: keyed hashes under --hash-paths, else as they are."""
+        return self.path if hashed else str
 
     def path(self, relpath: str) -> str:
         """A source path as a keyed hash, keeping a known image suffix so the format stays visible.

@@ -184,8 +184,7 @@ def process_item(item: Item, opts: Options) -> Result:
 
 def item_names(item: Item, opts: Options) -> tuple[dict[str, Any], str | None]:
     """The manifest fields naming an item (hashed under --hash-paths), and its label's name."""
-    pseud = Pseudonymizer(opts.secret)
-    name = pseud.path if opts.hash_paths else (lambda n: n)
+    name = Pseudonymizer(opts.secret).namer(opts.hash_paths)
     base: dict[str, Any] = {"source": name(item.source)}
     if len(item.names) > 1:
         base["files"] = sorted(name(n) for n in item.names)

@@ -27,7 +27,7 @@ from ingest.pool import Pool
 from medssl_scale.io import InputError, Limits, dicom
 from medssl_scale.store.layout import FORMAT_VERSION, DatasetDir, LockedError, WriterLock, atomic_write_text
 from medssl_scale.store.manifest import ManifestAppender, ManifestRecord, compact, latest, read_manifest
-from medssl_scale.store.shards import ShardWriter, write_sample_fragment
+from medssl_scale.store.shards import ShardWriter
 from medssl_scale.store.summary import summarize
 from medssl_scale.store.volumes import VolumeLayout, label_store, volume_store
 
@@ -182,7 +182,7 @@ def _remove_temporaries(ds: DatasetDir) -> None:
 
 
 def _problem_record(p: Problem, pseud: Pseudonymizer, hash_paths: bool) -> ManifestRecord:
-    return ManifestRecord(source=pseud.path(p.source) if hash_paths else p.source, kind=p.kind, status=p.status, reason=p.reason)
+    return ManifestRecord(source=pseud.namer(hash_paths)(p.source), kind=p.kind, status=p.status, reason=p.reason)
 
 
 def _record(manifest: ManifestAppender, known: dict, recs: list[ManifestRecord], stats: RunStats, log: "_Log") -> None:
@@ -202,7 +202,7 @@ def _record(manifest: ManifestAppender, known: dict, recs: list[ManifestRecord],
 
 def _unchanged(item: Item, known: dict, pseud: Pseudonymizer, hash_paths: bool, vols: Any) -> bool:
     """Recorded ok/skipped with the same size and mtime (label map included): no need to even hash it."""
-    name = pseud.path if hash_paths else (lambda n: n)
+    name = pseud.namer(hash_paths)
     old = known.get(("image", name(item.source)))
     if old is None or old.status == "failed" or old.source_bytes is None:
         return False
@@ -238,37 +238,35 @@ def _take(res: Result, manifest: ManifestAppender, known: dict, shards: ShardWri
     for rec in res.records:
         if rec.kind == "image":
             stats.bytes_in += rec.source_bytes or 0
-        if rec.kind != "image" or rec.status != "ok" or not shards.wants(rec.volume_id):
-            continue
-        if res.sample is not None:
-            shards.add_sample(rec.volume_id, *res.sample, codec=codec)
-        elif _ensure_fragment(shards.ds, rec.volume_id, shards, codec):
-            shards.add(rec.volume_id)
+        if rec.kind == "image" and rec.status == "ok":
+            _shard(shards, rec.volume_id, codec, res.sample)
     _record(manifest, known, res.records, stats, log)
     stats.bytes_out += res.bytes_out
 
 
-def _ensure_fragment(ds: DatasetDir, vid: str, shards: ShardWriter, codec: str) -> bool:
-    """The volume's shard sample exists or is rebuilt from the store (a crash lost it)."""
-    if vid in shards.done or (ds.pending / f"{vid}.tar").exists():
-        return True
-    vols = volume_store(ds)
-    if not vols.exists(vid):
-        return False
-    attrs = vols.attrs(vid)
-    image = vols.read(vid)
-    labels = label_store(ds)
-    label = labels.read(vid) if labels.exists(vid) else None
-    classes = labels.attrs(vid).get("classes") if label is not None else None
-    write_sample_fragment(ds, vid, image, sample_meta(attrs, image, classes), label, codec)
-    return True
+def _shard(shards: ShardWriter, vid: str, codec: str, sample: tuple | None = None) -> None:
+    """Put a recorded volume into the open shard: from the worker's result, its pending
+    fragment, or, when a crash lost both, the store itself."""
+    if not shards.wants(vid):
+        return
+    if sample is not None:
+        shards.add_sample(vid, *sample, codec=codec)
+    elif (shards.ds.pending / f"{vid}.tar").exists():
+        shards.add(vid)
+    else:
+        vols, labels = volume_store(shards.ds), label_store(shards.ds)
+        if not vols.exists(vid):
+            return
+        image = vols.read(vid)
+        label = labels.read(vid) if labels.exists(vid) else None
+        classes = labels.attrs(vid).get("classes") if label is not None else None
+        shards.add_sample(vid, image, sample_meta(vols.attrs(vid), image, classes), label, codec)
 
 
 def _finish_pending_shards(ds: DatasetDir, opts: Options, known: dict, shards: ShardWriter) -> None:
     """A killed run may have recorded volumes whose shard was never sealed: shard them first."""
     for vid in sorted(r.volume_id for r in known.values() if r.status == "ok" and r.kind == "image"):
-        if vid not in shards.done and _ensure_fragment(ds, vid, shards, opts.shard_codec):
-            shards.add(vid)
+        _shard(shards, vid, opts.shard_codec)
 
 
 def _dicom_items(dicom_files, pool, overrides, pseud, hash_paths, manifest, known, stats, log, progress) -> list[Item]:
@@ -299,8 +297,7 @@ def _dicom_items(dicom_files, pool, overrides, pseud, hash_paths, manifest, know
 
 
 def _cleanup(ds: DatasetDir) -> None:
-    if ds.tmp.exists():
-        shutil.rmtree(ds.tmp)
+    _remove_temporaries(ds)
     if ds.pending.exists():
         for f in ds.pending.iterdir():  # samples of volumes recorded as duplicates, or orphans
             f.unlink()
