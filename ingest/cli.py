@@ -47,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override the modality for sources matching PATTERN (a source prefix or glob), or for all")
     p.add_argument("--max-voxels", type=int, default=Limits().max_voxels, help="refuse volumes whose header declares more voxels")
     p.add_argument("--chunk", type=int, default=64, help="Zarr chunk edge in voxels (default 64)")
+    p.add_argument("--codec", choices=("lz4", "zstd"), default="lz4",
+                   help="Blosc codec of volume chunks: lz4 decodes ~3x faster, zstd stores ~25%% smaller (default lz4)")
     p.add_argument("--shard-shape", type=int, default=256, help="Zarr shard edge in voxels, 0 for none (default 256)")
     p.add_argument("--shard-size", type=_size, default=_size("1GB"), help="target size of WebDataset shards (default 1GB)")
     p.add_argument("--shard-codec", choices=("npy", "npy.gz"), default="npy", help="encoding of arrays in shards")
@@ -69,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
         modality=args.modality,
         max_voxels=args.max_voxels,
         chunk=args.chunk,
+        codec=args.codec,
         shard=args.shard_shape,
         shard_size=args.shard_size,
         shard_codec=args.shard_codec,
@@ -82,7 +85,14 @@ def main(args: argparse.Namespace) -> int:
 def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True) -> int:
     """Run an ingest with a progress bar and the summary table; returns the exit code."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from medssl_scale.store.summary import render
 

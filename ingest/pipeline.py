@@ -25,6 +25,7 @@ from ingest.discover import Item
 from medssl_scale.io import FailedInput, InputError, Limits, RawVolume, dicom, files
 from medssl_scale.io.canonical import geometry, resample, to_canonical
 from medssl_scale.io.modality import infer_modality
+from medssl_scale.store import foreground
 from medssl_scale.store.layout import DatasetDir
 from medssl_scale.store.manifest import ManifestRecord
 from medssl_scale.store.shards import write_sample_fragment
@@ -92,6 +93,7 @@ def intensity_stats(array: np.ndarray) -> dict[str, float]:
     """Robust statistics on a 1/64 subsample: what load-time normalisation needs."""
     sub = array[::4, ::4, ::4].astype(np.float32, copy=False)
     lo, hi = np.percentile(sub, [0.5, 99.5])
+    clipped = np.clip(sub, lo, hi)
     return {
         "min": float(array.min()),
         "max": float(array.max()),
@@ -99,6 +101,9 @@ def intensity_stats(array: np.ndarray) -> dict[str, float]:
         "std": round(float(sub.std()), 4),
         "p0_5": round(float(lo), 4),
         "p99_5": round(float(hi), 4),
+        # What MR normalisation (percentile clip, then z-score) needs from the whole volume.
+        "clip_mean": round(float(clipped.mean()), 4),
+        "clip_std": round(float(clipped.std()), 4),
     }
 
 
@@ -284,6 +289,7 @@ def _commit(prep: Prepared, opts: Options) -> Result:
     geo = geometry(prep.affine)
     patient = pseud("patient", prep.raw.identity.get("patient")) or _subject(item.source, opts.subject_pattern, pseud)
     study = pseud("study", prep.raw.identity.get("study"))
+    stats = intensity_stats(image)
     attrs: dict[str, Any] = {
         "volume_id": vid,
         "modality": prep.modality,
@@ -292,7 +298,8 @@ def _commit(prep: Prepared, opts: Options) -> Result:
         **geo,
         "source_sha256": base["source_sha256"],
         "format": prep.raw.format,
-        "stats": intensity_stats(image),
+        "stats": stats,
+        "foreground": foreground.encode(foreground.foreground_grid(image, foreground.body_threshold(prep.modality, stats))),
         "meta": prep.raw.meta,
         "has_label": label_arr is not None,
         "source": base["source"],

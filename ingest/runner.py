@@ -25,8 +25,20 @@ from ingest.discover import Item, Problem, discover, modality_for, parse_overrid
 from ingest.pipeline import Options, Result, sample_meta
 from ingest.pool import Pool
 from medssl_scale.io import InputError, Limits, dicom
-from medssl_scale.store.layout import FORMAT_VERSION, DatasetDir, LockedError, WriterLock, atomic_write_text
-from medssl_scale.store.manifest import ManifestAppender, ManifestRecord, compact, latest, read_manifest
+from medssl_scale.store.layout import (
+    FORMAT_VERSION,
+    DatasetDir,
+    LockedError,
+    WriterLock,
+    atomic_write_text,
+)
+from medssl_scale.store.manifest import (
+    ManifestAppender,
+    ManifestRecord,
+    compact,
+    latest,
+    read_manifest,
+)
 from medssl_scale.store.shards import ShardWriter
 from medssl_scale.store.summary import summarize
 from medssl_scale.store.volumes import VolumeLayout, label_store, volume_store
@@ -46,6 +58,7 @@ class IngestConfig:
     modality: list[str] = dataclasses.field(default_factory=list)
     max_voxels: int = Limits().max_voxels
     chunk: int = 64
+    codec: str = "lz4"
     shard: int = 256
     shard_size: int = 1 << 30
     shard_codec: str = "npy"
@@ -62,6 +75,7 @@ class IngestConfig:
             "spacing": list(self.spacing) if self.spacing else None,
             "hash_paths": self.hash_paths,
             "chunk": self.chunk,
+            "codec": self.codec,
             "shard_shape": self.shard,
             "shard_codec": self.shard_codec,
         }
@@ -91,7 +105,7 @@ def run_ingest(cfg: IngestConfig, progress: Progress | None = None) -> tuple[dic
         secret=secret,
         spacing=cfg.spacing,
         limits=Limits(cfg.max_voxels),
-        layout=VolumeLayout(chunk=cfg.chunk, shard=cfg.shard),
+        layout=VolumeLayout(chunk=cfg.chunk, shard=cfg.shard, cname=cfg.codec, clevel=5 if cfg.codec == "lz4" else 3),
         shard_codec=cfg.shard_codec,
         hash_paths=cfg.hash_paths,
         subject_pattern=cfg.subject_pattern,

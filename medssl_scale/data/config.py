@@ -1,0 +1,107 @@
+"""The ``data:`` section of a run config: validated, with the defaults a 3D SSL run expects.
+
+Sizes are voxels in the layout of training tensors, (D, H, W) = (z, y, x):
+PCRLv2's "96x96x64" (x, y, z) global crop is ``[64, 96, 96]`` here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Size3 = tuple[int, int, int]
+
+
+def _size3(v: Any) -> Any:
+    if isinstance(v, int):
+        return (v, v, v)
+    return v
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalize(_Strict):
+    """Per-modality intensity normalisation (REFERENCES.md, shared conventions)."""
+
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU clip; PCRLv2 and DAE use [-1000, 1000], BTCV recipes [-175, 250]
+    ct_range: tuple[float, float] = (0.0, 1.0)  # the window maps onto this range
+    mr_zscore: bool = True  # clip to the volume's 0.5-99.5th percentiles, then z-score with the clipped volume's mean/std
+    mr_stats: Literal["volume", "crop"] = "volume"  # volume: the statistics ingest stored; crop: computed on the crop
+
+
+class Augment(_Strict):
+    """One MONAI dictionary transform by class name, e.g. ``{name: RandGaussianNoised, args: {prob: 0.5, std: 0.05}}``.
+
+    It sees one image at a time under the key ``image`` (and ``label``, for plain crops with
+    ``labels: true``): each view and each sub-crop gets its own random draw. ``keys`` defaults
+    to ``[image]``; a geometric transform on plain crops should name ``[image, label]``.
+    """
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Views(_Strict):
+    kind: Literal["none", "pair", "pcrl"] = "none"
+    # pair: two crops inside one region of (1 + overlap_slack) x crop, so they always overlap.
+    region_scale: float = 4.0 / 3.0
+    flip: bool = True  # random flips per view and axis (recorded, so overlaps stay matchable)
+    # pcrl (PCRLv2 sub-crops; REFERENCES.md): sizes (D, H, W) before resizing.
+    global_sizes: list[Size3] = Field(default_factory=lambda: [(64, 96, 96), (96, 96, 96), (64, 112, 112), (32, 64, 64)])
+    global_out: Size3 = (32, 64, 64)
+    local_sizes: list[Size3] = Field(default_factory=lambda: [(16, 32, 32), (16, 16, 16), (32, 32, 32), (8, 8, 8)])
+    local_out: Size3 = (16, 16, 16)
+    n_local: int = Field(6, ge=0)
+    min_iou: float = Field(0.3, ge=0.0, lt=1.0)
+
+    _s3 = field_validator("global_out", "local_out", mode="before")(_size3)
+
+
+class DataConfig(_Strict):
+    dataset: str
+    source: Literal["zarr", "shards"] = "zarr"
+    # Where shards are read from, {name} standing for a shard's file name, e.g.
+    # "pipe:aws s3 cp s3://bucket/ds/shards/{name} -"; default: the dataset's shards/ folder.
+    # Sample counts always come from the dataset's shards/index.json.
+    shard_url: str | None = None
+    crop: Size3 = (96, 96, 96)
+    batch_size: int = Field(2, ge=1)
+    workers: int = Field(2, ge=0)
+    seed: int = 0
+    modalities: list[Literal["CT", "MR"]] | None = None  # only these
+    modality_weights: dict[Literal["CT", "MR"], float] | None = None  # share of crops per modality; None: uniform over volumes
+    sampling: Literal["uniform", "foreground"] = "foreground"
+    min_foreground: float = Field(0.5, ge=0.0, le=1.0)  # foreground sampling: least body fraction of a crop
+    pairs: bool = False  # CT and MR crops of one pseudonymous patient, side by side in each batch
+    labels: bool = False  # also return label crops (-1 where a volume has no label map)
+    crops_per_visit: int = Field(8, ge=1)  # crops cut from a volume while its chunks are cached (zarr); per volume read (shards)
+    interleave: int | None = None  # volumes a worker visits at once (default: the batch size, so a batch mixes volumes)
+    samples_per_epoch: int | None = None  # default: every volume visited once (crops_per_visit crops each)
+    cache_mb: int = Field(512, ge=0)  # decoded-chunk cache per worker
+    shuffle_buffer: int = Field(64, ge=1)  # shards: crops held for shuffling per worker
+    prefetch: int = Field(2, ge=1)  # batches in flight per worker
+    normalize: Normalize = Normalize()
+    augment: list[Augment] = Field(default_factory=list)
+    views: Views = Views()
+
+    _s3 = field_validator("crop", mode="before")(_size3)
+
+    @field_validator("modality_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and (any(w < 0 for w in v.values()) or sum(v.values()) <= 0):
+            raise ValueError("modality_weights must be non-negative and not all zero")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.pairs and self.batch_size % 2:
+            raise ValueError("pairs: true needs an even batch_size (a batch holds whole CT/MR pairs)")
+        if self.pairs and self.modality_weights:
+            raise ValueError("pairs: true draws patients, not modalities: drop modality_weights")
+        if self.pairs and self.source != "zarr":
+            raise ValueError("pairs: true needs source: zarr (pairs are drawn by patient across the store)")
+        return self

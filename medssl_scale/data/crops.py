@@ -1,0 +1,299 @@
+"""Random crops, view pairs and PCRLv2 sub-crops, read from the Zarr store through the chunk cache.
+
+A map-style dataset whose indices are :class:`~medssl_scale.data.plan.Sample`
+entries of an epoch plan. Each worker process keeps its own chunk cache and
+readers; every random choice of a sample comes from ``(seed, epoch, slot)``.
+
+Tensors are channel-first in PyTorch's (D, H, W) = (z, y, x) order, the
+store's on-disk order, so a crop is copied and never transposed. Samples
+carry ``modality`` (0 CT, 1 MR), ``subject`` (the patient's position in
+:meth:`Catalog.patients`, -1 if unknown), ``volume`` and the boxes they came
+from, in volume voxels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from medssl_scale.data.boxes import (
+    Box,
+    ForegroundSampler,
+    cut,
+    iou,
+    uniform_start,
+    union_box,
+)
+from medssl_scale.data.catalog import MODALITIES, Catalog
+from medssl_scale.data.config import DataConfig
+from medssl_scale.data.plan import Sample
+from medssl_scale.data.transforms import (
+    as_tensor,
+    build_augment,
+    normalize,
+    run_augment,
+)
+from medssl_scale.store import foreground
+from medssl_scale.store.chunks import ChunkCache, VolumeReader
+
+CT_PAD_HU = -1024  # padding is air, not water (0 HU)
+UNLABELLED = -1
+
+
+class _Access:
+    """What a :class:`Cropper` reads from: boxes of volumes (and labels) by index, with their attributes."""
+
+    def shape(self, index: int) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def modality(self, index: int) -> str:
+        raise NotImplementedError
+
+    def attrs(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def read(self, index: int, box: Box) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_label(self, index: int, box: Box) -> np.ndarray:
+        raise NotImplementedError
+
+    def pad_value(self, index: int) -> float:
+        return CT_PAD_HU if self.modality(index) == "CT" else 0.0
+
+    def _fg_cache(self) -> dict[Any, ForegroundSampler | None]:
+        raise NotImplementedError
+
+    def start(self, index: int, size: tuple[int, int, int], rng: np.random.Generator, min_fg: float | None) -> tuple[int, int, int]:
+        """A crop start: uniform, or foreground-aware when ``min_fg`` is set and the volume has a map."""
+        shape = self.shape(index)
+        if min_fg is None:
+            return uniform_start(rng, shape, size)
+        cache = self._fg_cache()
+        key = (index, size)
+        if key not in cache:
+            attr = self.attrs(index).get("foreground")
+            if attr is None:
+                cache[key] = None  # datasets ingested before the map existed: uniform
+            else:
+                grid, block = foreground.decode(attr)  # stored (x, y, z) like every attribute
+                cache[key] = ForegroundSampler(np.ascontiguousarray(grid.transpose(2, 1, 0)), block, shape, size, min_fg)
+        s = cache[key]
+        return s.start(rng) if s is not None else uniform_start(rng, shape, size)
+
+
+class ArrayAccess(_Access):
+    """One volume held in memory (a shard sample): index 0."""
+
+    def __init__(self, image: np.ndarray, meta: dict[str, Any], label: np.ndarray | None = None):
+        self.image, self.meta, self.label = image, meta, label
+        self._fg: dict[Any, ForegroundSampler | None] = {}
+
+    def shape(self, index: int) -> tuple[int, int, int]:
+        return self.image.shape  # type: ignore[return-value]
+
+    def modality(self, index: int) -> str:
+        return self.meta.get("modality", "CT")
+
+    def attrs(self, index: int) -> dict[str, Any]:
+        return self.meta
+
+    def _fg_cache(self) -> dict[Any, ForegroundSampler | None]:
+        return self._fg
+
+    def read(self, index: int, box: Box) -> np.ndarray:
+        return cut(self.image, box, self.pad_value(index))
+
+    def read_label(self, index: int, box: Box) -> np.ndarray:
+        if self.label is None:
+            return np.full(box[1], UNLABELLED, dtype=np.int16)
+        return cut(self.label, box, 0).astype(np.int16)
+
+
+class VolumeAccess(_Access):
+    """Per-process readers over a catalog's volumes and labels, sharing one chunk cache."""
+
+    def __init__(self, catalog: Catalog, cache_mb: int):
+        self.catalog = catalog
+        self.cache_bytes = cache_mb << 20
+        self._pid: int | None = None
+
+    def _fresh(self) -> None:
+        # A forked worker must not share the parent's cache or open readers.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self.cache = ChunkCache(self.cache_bytes)
+            self._readers: dict[tuple[str, int], VolumeReader] = {}
+            self._fg: dict[tuple[int, tuple[int, ...]], ForegroundSampler | None] = {}
+
+    def reader(self, index: int, labels: bool = False) -> VolumeReader:
+        self._fresh()
+        key = ("labels" if labels else "volumes", index)
+        r = self._readers.get(key)
+        if r is None:
+            ds = self.catalog.dataset
+            root = ds.labels if labels else ds.volumes
+            r = self._readers[key] = VolumeReader(root / self.catalog.volumes[index].volume_id, self.cache)
+        return r
+
+    def attrs(self, index: int) -> dict[str, Any]:
+        return self.reader(index).meta.get("attributes", {})
+
+    def shape(self, index: int) -> tuple[int, int, int]:
+        return self.catalog.volumes[index].shape_zyx
+
+    def modality(self, index: int) -> str:
+        return self.catalog.volumes[index].modality
+
+    def _fg_cache(self) -> dict[Any, ForegroundSampler | None]:
+        self._fresh()
+        return self._fg
+
+    def read(self, index: int, box: Box) -> np.ndarray:
+        return self.reader(index).box(box[0], box[1], fill=self.pad_value(index))
+
+    def read_label(self, index: int, box: Box) -> np.ndarray:
+        if not self.catalog.volumes[index].has_label:
+            return np.full(box[1], UNLABELLED, dtype=np.int16)
+        return self.reader(index, labels=True).box(box[0], box[1], fill=0).astype(np.int16)
+
+class Cropper:
+    """Turns a volume (through an access) into one training sample: a crop, a view pair or PCRLv2 sub-crops."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        kind = cfg.views.kind
+        self.image_keys = {"none": ["image"], "pair": ["view1", "view2"], "pcrl": ["global1", "global2", "local"]}[kind]
+        self.augment = build_augment(cfg.augment, ["image"], geometric_ok=kind == "none")
+        self.min_fg = cfg.min_foreground if cfg.sampling == "foreground" else None
+
+    def __call__(self, access: _Access, v: int, rng: np.random.Generator) -> dict[str, Any]:
+        self.access = access
+        d: dict[str, Any] = {"modality_name": access.modality(v), "stats": access.attrs(v).get("stats")}
+        kind = self.cfg.views.kind
+        if kind == "none":
+            self._single(d, v, rng)
+        elif kind == "pair":
+            self._pair(d, v, rng)
+        else:
+            self._pcrl(d, v, rng)
+        if self.augment is not None:
+            # Each view (and each sub-crop) gets its own draw: MONAI's dictionary transforms draw
+            # once per call and apply the same to every key.
+            for key in self.image_keys:
+                parts = [d[key]] if key != "local" else list(d[key][:, None])
+                done = []
+                for part in parts:
+                    item = {"image": part, **({"label": d["label"]} if key == "image" and "label" in d else {})}
+                    item = run_augment(self.augment, item, int(rng.integers(2**32)))
+                    done.append(item["image"])
+                    if "label" in item:
+                        d["label"] = item["label"]
+                d[key] = done[0] if key != "local" else torch.cat([torch.as_tensor(p) for p in done])
+        keep = set(self.image_keys) | {"label"}
+        return {k: as_tensor(val) if k in keep else val for k, val in d.items() if k not in ("modality_name", "stats")}
+
+    # -- one crop -------------------------------------------------------------------
+    def _single(self, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
+        size = self.cfg.crop
+        box = (self.access.start(v, size, rng, self.min_fg), size)
+        d["image"] = self._norm(d, self.access.read(v, box))[None]
+        if self.cfg.labels:
+            d["label"] = self.access.read_label(v, box)[None]
+        d["box"] = torch.tensor(box)
+
+    def _norm(self, d: dict[str, Any], x: np.ndarray) -> np.ndarray:
+        return normalize(x, d["modality_name"], d["stats"], self.cfg.normalize)
+
+    # -- two overlapping views ------------------------------------------------------
+    def _pair(self, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
+        crop = self.cfg.crop
+        region_size = tuple(max(c, math.ceil(c * self.cfg.views.region_scale)) for c in crop)
+        start = self.access.start(v, region_size, rng, self.min_fg)
+        region = self._norm(d, self.access.read(v, (start, region_size)))
+        label = self.access.read_label(v, (start, region_size)) if self.cfg.labels else None
+        offs = [tuple(int(rng.integers(0, r - c + 1)) for r, c in zip(region_size, crop)) for _ in range(2)]
+        flips = [tuple(bool(f) for f in (rng.random(3) < 0.5)) if self.cfg.views.flip else (False,) * 3 for _ in range(2)]
+        lo = [max(a, b) for a, b in zip(*offs)]
+        hi = [min(a, b) + c for a, b, c in zip(*offs, crop)]
+        for i, (o, fl) in enumerate(zip(offs, flips), 1):
+            sl = tuple(slice(a, a + c) for a, c in zip(o, crop))
+            axes = [ax for ax in range(3) if fl[ax]]
+            d[f"view{i}"] = np.flip(region[sl], axes).copy()[None]
+            if label is not None:
+                d[f"label{i}"] = torch.from_numpy(np.flip(label[sl], axes).copy()[None])
+            ov_lo = [l - a for l, a in zip(lo, o)]
+            ov_hi = [h - a for h, a in zip(hi, o)]
+            ov = [(c - h, c - l) if f else (l, h) for l, h, c, f in zip(ov_lo, ov_hi, crop, fl)]
+            d[f"overlap{i}"] = torch.tensor([[a for a, _ in ov], [b for _, b in ov]])  # (start, stop) in the view, after its flips
+            d[f"flip{i}"] = torch.tensor(fl)
+            d[f"box{i}"] = torch.tensor([[s + a for s, a in zip(start, o)], list(crop)])
+
+    # -- PCRLv2 sub-crops -----------------------------------------------------------
+    def _pcrl(self, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
+        vc = self.cfg.views
+        shape = self.access.shape(v)
+        sizes = [tuple(vc.global_sizes[rng.integers(len(vc.global_sizes))]) for _ in range(2)]
+        b1: Box = (self.access.start(v, sizes[0], rng, self.min_fg), sizes[0])
+        b2: Box | None = None
+        for _ in range(100):  # a second global crop overlapping the first by IoU > min_iou
+            start = tuple(int(s + rng.integers(-z // 2, z // 2 + 1)) for s, z in zip(b1[0], sizes[0]))
+            start = tuple(min(max(s, min(0, n - z)), max(0, n - z)) for s, n, z in zip(start, shape, sizes[1]))
+            cand = (start, sizes[1])
+            if iou(b1, cand) > vc.min_iou:
+                b2 = cand
+                break
+        if b2 is None:  # fall back to a concentric box, the largest overlap there is
+            b2 = (tuple(s + (a - b) // 2 for s, a, b in zip(b1[0], sizes[0], sizes[1])), sizes[1])
+        u = union_box([b1, b2])
+        region = torch.from_numpy(self._norm(d, self.access.read(v, u)))
+        locals_: list[Box] = []
+        for _ in range(vc.n_local):
+            size = tuple(vc.local_sizes[rng.integers(len(vc.local_sizes))])
+            locals_.append((tuple(int(rng.integers(s, s + max(1, n - z + 1))) for s, n, z in zip(u[0], u[1], size)), size))
+
+        def cut(box: Box, out: tuple[int, ...]) -> torch.Tensor:
+            sl = tuple(slice(a - o, a - o + z) for a, o, z in zip(box[0], u[0], box[1]))
+            piece = region[sl]
+            if piece.shape != box[1]:  # a local crop reaching past the union: pad as the volume would be
+                piece = F.pad(piece, [0, box[1][2] - piece.shape[2], 0, box[1][1] - piece.shape[1], 0, box[1][0] - piece.shape[0]], value=float(piece.min()))
+            return F.interpolate(piece[None, None], size=out, mode="trilinear", align_corners=False)[0, 0]
+
+        d["global1"] = cut(b1, vc.global_out)[None]
+        d["global2"] = cut(b2, vc.global_out)[None]
+        d["local"] = torch.stack([cut(b, vc.local_out) for b in locals_]) if locals_ else torch.zeros((0, *vc.local_out))
+        d["box_global"] = torch.tensor([[list(b[0]), list(b[1])] for b in (b1, b2)])
+        d["box_local"] = torch.tensor([[list(b[0]), list(b[1])] for b in locals_]).reshape(-1, 2, 3)
+
+
+class CropDataset(Dataset):
+    """Map-style: ``dataset[sample]`` for the :class:`Sample` entries of an epoch plan."""
+
+    def __init__(self, catalog: Catalog, cfg: DataConfig):
+        self.catalog, self.cfg = catalog, cfg
+        self.access = VolumeAccess(catalog, cfg.cache_mb)
+        self.cropper = Cropper(cfg)
+        self.patients = {p: i for i, p in enumerate(catalog.patients())}
+
+    def __len__(self) -> int:  # the plan decides the epoch; this is the pool it draws from
+        return len(self.catalog)
+
+    def __getitem__(self, s: Sample) -> dict[str, Any]:
+        if not isinstance(s, Sample):
+            raise TypeError("CropDataset is indexed by plan samples: use it through medssl_scale.data.Loader or a PlanSampler")
+        info = self.catalog.volumes[s.volume]
+        out = self.cropper(self.access, s.volume, np.random.default_rng([self.cfg.seed, s.epoch, s.slot]))
+        out.update(
+            volume=info.volume_id,
+            modality=MODALITIES.index(info.modality),
+            subject=self.patients.get(info.patient, -1) if info.patient else -1,
+            slot=s.slot,
+            epoch=s.epoch,
+        )
+        return out

@@ -1,0 +1,113 @@
+"""The training loader: one object for both sources, with a state that resumes exactly.
+
+``Loader(cfg, rank, world)`` iterates batches forever, epoch after epoch.
+``state_dict()`` records the epoch and the batches consumed in it;
+``load_state_dict()`` makes the next iteration start with the batch that
+would have come next. Only batches handed to the caller count, not the
+ones the workers had prefetched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from medssl_scale.data.catalog import Catalog
+from medssl_scale.data.config import DataConfig
+from medssl_scale.data.crops import CropDataset
+from medssl_scale.data.plan import EpochPlan, PlanSampler
+from medssl_scale.data.stream import (
+    ShardStream,
+    batches_per_worker,
+    consumed_per_worker,
+)
+
+STATE_VERSION = 1
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Loader:
+    def __init__(self, cfg: DataConfig, rank: int | None = None, world: int | None = None):
+        r, w = _dist()
+        self.cfg = cfg
+        self.rank = r if rank is None else rank
+        self.world = w if world is None else world
+        self.epoch = 0
+        self.position = 0  # batches consumed in this epoch
+        if cfg.source == "zarr":
+            modalities = tuple(cfg.modalities) if cfg.modalities else None
+            self.catalog = Catalog.load(cfg.dataset, modalities)
+            self.plan = EpochPlan(
+                self.catalog, cfg.seed, cfg.crops_per_visit, cfg.samples_per_epoch, cfg.modality_weights, cfg.pairs, self.world, cfg.batch_size
+            )
+            self.sampler = PlanSampler(self.plan, self.rank, cfg.workers, cfg.interleave)
+            self.dataset: CropDataset | ShardStream = CropDataset(self.catalog, cfg)
+        else:
+            self.dataset = ShardStream(cfg, self.rank, self.world)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return len(self.sampler) if self.cfg.source == "zarr" else self.dataset.batches  # type: ignore[union-attr]
+
+    def _dataloader(self) -> DataLoader:
+        kw: dict[str, Any] = {"num_workers": self.cfg.workers, "pin_memory": torch.cuda.is_available()}
+        if self.cfg.workers:
+            kw.update(prefetch_factor=self.cfg.prefetch)
+        if self.cfg.source == "zarr":
+            self.sampler.epoch, self.sampler.start = self.epoch, self.position
+            return DataLoader(self.dataset, batch_sampler=self.sampler, **kw)
+        stream = self.dataset
+        assert isinstance(stream, ShardStream)
+        stream.epoch = self.epoch
+        used = stream.workers_used(self.cfg.workers)
+        stream.skip = consumed_per_worker(self.position, batches_per_worker(stream.batches, used))
+        return DataLoader(stream, batch_size=self.cfg.batch_size, **kw)
+
+    def epoch_batches(self) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch."""
+        for batch in self._dataloader():
+            self.position += 1
+            yield batch
+        if self.position != len(self):
+            raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after {self.position} of {len(self)} batches")
+        self.epoch += 1
+        self.position = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.epoch_batches()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "position": self.position,
+            # What the sample order depends on: a resume with other values would see other samples.
+            "order": self._order(),
+        }
+
+    def _order(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "source": c.source, "seed": c.seed, "world": self.world, "rank": self.rank, "batch_size": c.batch_size,
+            "workers": c.workers, "crops_per_visit": c.crops_per_visit, "samples_per_epoch": c.samples_per_epoch,
+            "batches_per_epoch": len(self),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        diff = {k: (v, state["order"].get(k)) for k, v in self._order().items() if state["order"].get(k) != v}
+        if diff:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (new, old) in diff.items())
+            raise ValueError(f"cannot resume the data order exactly: {what} changed since the checkpoint")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,179 @@
+"""Streaming crops from ``shards/*.tar`` with plain webdataset: split by rank and worker, a fixed count per rank.
+
+Each epoch the shards are dealt to ranks, then to each rank's data-loader
+workers, by sample count (largest first, to the emptiest bin), in an order
+seeded by the epoch. Every rank yields the same number of batches however
+uneven the shards are: a bin short of samples reads its own shards again,
+a bin with too many stops early. So DDP ranks never wait at the end of an
+epoch for one that has more data (the hang webdataset's docs warn about),
+and no shard is read by two ranks in one epoch.
+
+A worker's pipeline is webdataset's own stages: its shard URLs (local paths
+or ``pipe:`` commands) -> ``tarfile_to_samples`` -> whole volumes -> several
+crops per volume (``crops_per_visit``) -> ``shuffle`` -> our normalisation
+and augmentation. Everything random is seeded by (seed, epoch, rank, worker),
+so a resumed run replays the same stream and skips what it had consumed.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from medssl_scale.data.catalog import MODALITIES, Catalog
+from medssl_scale.data.config import DataConfig
+from medssl_scale.data.crops import ArrayAccess, Cropper
+from medssl_scale.store.layout import DatasetDir
+from medssl_scale.store.shards import read_index
+
+_STREAM = 0x73747265
+
+
+def deal(counts: list[int], items: list[int], bins: int) -> list[list[int]]:
+    """``items`` (indices into ``counts``, in a seeded order) dealt to ``bins`` balanced by count.
+
+    Longest-processing-time first: the largest item goes to the emptiest bin;
+    ties keep the seeded order, so equal shards move between bins per epoch.
+    """
+    out: list[list[int]] = [[] for _ in range(bins)]
+    load = [0] * bins
+    for i in sorted(items, key=lambda i: -counts[i]):  # sorted() is stable
+        b = min(range(bins), key=lambda b: (load[b], len(out[b]), b))
+        out[b].append(i)
+        load[b] += counts[i]
+    return out
+
+
+def batches_per_worker(total: int, workers: int) -> list[int]:
+    return [total // workers + (w < total % workers) for w in range(workers)]
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        ds = DatasetDir(cfg.dataset)
+        index = read_index(ds)
+        if not index["shards"]:
+            raise ValueError(f"{ds.root}: no shards in {ds.shard_index}: ingest writes them; source: zarr reads volumes.zarr instead")
+        template = cfg.shard_url or str(ds.shards / "{name}")
+        self.urls = [template.format(name=s["name"]) for s in index["shards"]]
+        self.counts = [int(s["samples"]) for s in index["shards"]]
+        total = sum(self.counts)
+        per_rank = (cfg.samples_per_epoch or total * cfg.crops_per_visit) // world
+        self.batches = per_rank // cfg.batch_size
+        if self.batches < 1:
+            raise ValueError(
+                f"{total} volumes x {cfg.crops_per_visit} crops over {world} rank(s) is less than one batch of {cfg.batch_size} per rank"
+            )
+        self.cropper = Cropper(cfg)
+        self.patients = {p: i for i, p in enumerate(Catalog.load(ds.root).patients())}
+        self.epoch = 0
+        self.skip: list[int] = []  # batches each worker already delivered this epoch (resume)
+
+    def workers_used(self, workers: int) -> int:
+        """Workers that get shards: never more than the rank's shards."""
+        mine = self.assignment(self.epoch)[self.rank]
+        return max(1, min(max(1, workers), len(mine)))
+
+    def assignment(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([self.cfg.seed, epoch, _STREAM]).permutation(len(self.urls)).tolist()
+        if len(order) < self.world:
+            raise ValueError(f"{len(order)} shard(s) cannot feed {self.world} ranks disjointly: ingest with a smaller --shard-size")
+        return deal(self.counts, order, self.world)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        w, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.assignment(self.epoch)[self.rank]
+        used = max(1, min(workers, len(mine)))
+        if w >= used:
+            return
+        shards = deal(self.counts, mine, used)[w]
+        n_batches = batches_per_worker(self.batches, used)[w]
+        b = self.cfg.batch_size
+        need = n_batches * b
+        skip = (self.skip[w] if w < len(self.skip) else 0) * b
+        seed = [self.cfg.seed, self.epoch, self.rank, w, _STREAM]
+        pipeline = wds.DataPipeline(
+            _cycle([{"url": self.urls[i]} for i in shards]),
+            wds.tarfile_to_samples(),
+            _take(math.ceil(need / self.cfg.crops_per_visit)),
+            _crops(self.cropper, self.cfg.crops_per_visit, seed, self.patients),
+            wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=int(np.random.default_rng(seed).integers(2**63))),
+            _take(need),
+            _drop(skip),
+        )
+        yield from pipeline
+
+
+def _cycle(items: list[dict[str, Any]]):
+    def stage() -> Iterator[dict[str, Any]]:
+        yield from itertools.cycle(items)
+
+    return stage
+
+
+def _take(n: int):
+    def stage(src: Iterator[Any]) -> Iterator[Any]:
+        yield from itertools.islice(src, n)
+
+    return stage
+
+
+def _drop(n: int):
+    def stage(src: Iterator[Any]) -> Iterator[Any]:
+        yield from itertools.islice(src, n, None)
+
+    return stage
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _crops(cropper: Cropper, per_volume: int, seed: list[int], patients: dict[str, int]):
+    """Whole-volume samples -> ``per_volume`` finished crops each, before the shuffle buffer.
+
+    Crops are cut here so the buffer holds crops, never whole volumes.
+    """
+
+    def stage(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for ordinal, sample in enumerate(src):
+            try:
+                image = _npy(sample["image.npy"]).transpose(2, 1, 0)  # (x, y, z) Fortran -> (z, y, x) C: a view
+                meta = json.loads(sample["meta.json"])
+                label = _npy(sample["label.npy"]).transpose(2, 1, 0) if "label.npy" in sample else None
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')} is unreadable: {e}") from e
+            access = ArrayAccess(image, meta, label)
+            info = {
+                "volume": meta.get("volume_id", sample["__key__"]),
+                "modality": MODALITIES.index(meta.get("modality", "CT")),
+                "subject": patients.get(meta.get("patient") or "", -1),
+            }
+            for j in range(per_volume):
+                out = cropper(access, 0, np.random.default_rng([*seed, ordinal, j]))
+                out.update(info)
+                yield out
+
+    return stage
+
+
+def consumed_per_worker(batches: int, per_worker: list[int]) -> list[int]:
+    """Batches each worker had delivered once the rank consumed ``batches``: DataLoader takes them in turn."""
+    done = [0] * len(per_worker)
+    w = 0
+    for _ in range(batches):
+        while done[w] >= per_worker[w]:
+            w = (w + 1) % len(per_worker)
+        done[w] += 1
+        w = (w + 1) % len(per_worker)
+    return done

@@ -1,0 +1,97 @@
+"""Load-time intensity normalisation per modality, and augmentations as MONAI dictionary transforms.
+
+Normalisation uses the whole volume's statistics, stored at ingest, rather
+than the crop's: a crop of air and a crop of liver from one MR scan keep
+their relation. Augmentations are MONAI's own dictionary transforms named in
+the config; each sample reseeds them from its own seed, so a sample is the
+same whatever worker computes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import monai.transforms as mt
+import numpy as np
+import torch
+from monai.transforms import InvertibleTransform, MapTransform
+
+from medssl_scale.data.config import Augment, Normalize
+
+
+def normalize(x: np.ndarray, modality: str, stats: Mapping[str, float] | None, cfg: Normalize) -> np.ndarray:
+    """float32 copy of ``x`` normalised for ``modality`` (see :class:`Normalize`)."""
+    x = x.astype(np.float32, copy=True)
+    if modality == "CT":
+        lo, hi = cfg.ct_window
+        a, b = cfg.ct_range
+        np.clip(x, lo, hi, out=x)
+        x -= lo
+        x *= (b - a) / (hi - lo)
+        x += a
+        return x
+    if cfg.mr_stats == "volume" and stats and "clip_mean" in stats:
+        lo, hi, mean, std = stats["p0_5"], stats["p99_5"], stats["clip_mean"], stats["clip_std"]
+    else:
+        lo, hi = np.percentile(x, [0.5, 99.5])
+        c = np.clip(x, lo, hi)
+        mean, std = float(c.mean()), float(c.std())
+    np.clip(x, lo, hi, out=x)
+    if cfg.mr_zscore:
+        x -= mean
+        x /= max(std, 1e-6)
+    else:  # percentile range to [0, 1]
+        x -= lo
+        x /= max(hi - lo, 1e-6)
+    return x
+
+
+class NormalizeByModalityd(MapTransform):
+    """MONAI dictionary transform: normalise ``keys`` by the sample's ``modality`` and volume ``stats``."""
+
+    def __init__(self, keys: Sequence[Hashable], cfg: Normalize, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.cfg = cfg
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = normalize(np.asarray(d[key]), d["modality_name"], d.get("stats"), self.cfg)
+        return d
+
+
+def build_augment(augments: list[Augment], keys: list[str], geometric_ok: bool = True) -> mt.Compose | None:
+    """A Compose of the named MONAI dictionary transforms, or None when there are none."""
+    out = []
+    for a in augments:
+        cls = getattr(mt, a.name, None)
+        if not (isinstance(cls, type) and issubclass(cls, MapTransform)):
+            raise ValueError(f"augment {a.name!r} is not a MONAI dictionary transform (monai.transforms.*d)")
+        if not geometric_ok and issubclass(cls, InvertibleTransform):
+            raise ValueError(
+                f"augment {a.name!r} moves voxels, which would break the views' overlap boxes: "
+                "use intensity transforms with views (views.flip draws recorded flips)"
+            )
+        args = dict(a.args)
+        args.setdefault("keys", keys)
+        args.setdefault("allow_missing_keys", True)
+        try:
+            out.append(cls(**args))
+        except TypeError as e:
+            raise ValueError(f"augment {a.name}: {e}") from None
+    return mt.Compose(out) if out else None
+
+
+def run_augment(compose: mt.Compose | None, data: dict[str, Any], seed: int) -> dict[str, Any]:
+    if compose is None:
+        return data
+    compose.set_random_state(seed=seed % (2**32))
+    out = compose(data)
+    return {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in out.items()}
+
+
+def as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A channel-first tensor [1, D, H, W] (no copy when possible)."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t if t.ndim == 4 else t.unsqueeze(0)
