@@ -98,3 +98,44 @@ def assert_same_dataset(a: Path, b: Path) -> None:
     assert sa["labels"].keys() == sb["labels"].keys()
     for vid in sa["labels"]:
         np.testing.assert_array_equal(sa["labels"][vid], sb["labels"][vid])
+
+
+def training_dataset(root: Path, n_patients: int = 4, n_mr: int = 2, ct_shape=(48, 40, 32), mr_shape=(40, 48, 36)) -> Path:
+    """An ingested dataset for the data tests: labelled CTs, MRs of the first patients, one volume per shard."""
+    from ingest.runner import IngestConfig, run_ingest
+
+    src = root / "src"
+    (src / "labels").mkdir(parents=True)
+    for i in range(n_patients):
+        p = ct_phantom(shape=ct_shape, seed=i)
+        nib.save(nib.Nifti1Image(p.image, p.affine), src / f"p{i}_ct.nii.gz")
+        nib.save(nib.Nifti1Image(p.label, p.affine), src / "labels" / f"p{i}_ct.nii.gz")
+        if i < n_mr:
+            p = mr_phantom(shape=mr_shape, seed=10 + i)
+            nib.save(nib.Nifti1Image(p.image, p.affine), src / f"p{i}_mr.nii.gz")
+    out = root / "dataset"
+    run_ingest(IngestConfig(sources=[src], out=out, subject_pattern=r"p(\d+)_", shard_size=1))
+    return out
+
+
+def reshard(dataset: Path, groups: list[int]) -> list[str]:
+    """Rewrite the dataset's shards with ``groups[i]`` volumes in shard i (unequal shards); returns the volume ids in order."""
+    from ingest.pipeline import sample_meta
+    from medssl_scale.store.shards import ShardWriter
+
+    ds = DatasetDir(dataset)
+    vols, labs = volume_store(ds), label_store(ds)
+    ids = vols.ids()
+    assert sum(groups) == len(ids), (groups, len(ids))
+    shutil.rmtree(ds.shards)
+    writer = ShardWriter(ds, target_bytes=1 << 40)
+    it = iter(ids)
+    for n in groups:
+        for _ in range(n):
+            vid = next(it)
+            image, attrs = vols.read(vid), vols.attrs(vid)
+            label = labs.read(vid) if labs.exists(vid) else None
+            writer.add_sample(vid, image, sample_meta(attrs, image, None), label)
+        writer.seal()
+    writer.close()
+    return ids

@@ -22,7 +22,8 @@ class ForegroundSampler:
     The map holds the body fraction of each ``block``^3 block (see
     ``medssl_scale.store.foreground``); a box's fraction is the mean over the
     blocks it covers, computed for every block-aligned start at once with a
-    summed-area table. Starts are then jittered within a block. Where no box
+    summed-area table. Starts are then jittered by up to half a block, so
+    a crop's true fraction can fall a little below ``min_fraction``. Where no box
     is body enough, the most-body box is used.
     """
 
@@ -48,7 +49,7 @@ class ForegroundSampler:
         out = []
         for c, n, s in zip(cell, self.shape, self.size):
             lo, hi = min(0, n - s), max(0, n - s)
-            out.append(int(np.clip(c * self.block + rng.integers(0, self.block), lo, hi)))
+            out.append(int(np.clip(c * self.block + rng.integers(-(self.block // 2), self.block // 2 + 1), lo, hi)))
         return tuple(out)  # type: ignore[return-value]
 
 

@@ -70,6 +70,7 @@ class Loader:
         stream.epoch = self.epoch
         used = stream.workers_used(self.cfg.workers)
         stream.skip = consumed_per_worker(self.position, batches_per_worker(stream.batches, used))
+        stream.offset = self.position % used
         return DataLoader(stream, batch_size=self.cfg.batch_size, **kw)
 
     def epoch_batches(self) -> Iterator[dict[str, Any]]:

@@ -76,7 +76,8 @@ class ShardStream(IterableDataset):
         self.cropper = Cropper(cfg)
         self.patients = {p: i for i, p in enumerate(Catalog.load(ds.root).patients())}
         self.epoch = 0
-        self.skip: list[int] = []  # batches each worker already delivered this epoch (resume)
+        self.skip: list[int] = []  # batches each (logical) worker already delivered this epoch (resume)
+        self.offset = 0  # the logical worker whose batch comes next
 
     def workers_used(self, workers: int) -> int:
         """Workers that get shards: never more than the rank's shards."""
@@ -96,6 +97,9 @@ class ShardStream(IterableDataset):
         used = max(1, min(workers, len(mine)))
         if w >= used:
             return
+        # DataLoader asks workers in turn from worker 0; after a resume the next batch belongs to
+        # logical worker (position % used), so physical worker 0 plays that one.
+        w = (w + self.offset) % used
         shards = deal(self.counts, mine, used)[w]
         n_batches = batches_per_worker(self.batches, used)[w]
         b = self.cfg.batch_size

@@ -135,15 +135,21 @@ class VolumeReader:
             per = [s // c for s, c in zip(self.shard, self.chunk)]
             n = int(np.prod(per))
             raw = os.pread(fd, n * 16 + 4, size - (n * 16 + 4))
-            body = numcodecs.CRC32C().decode(raw)  # raises on a corrupt index
+            try:
+                body = numcodecs.CRC32C().decode(raw)
+            except (RuntimeError, ValueError) as e:
+                raise OSError(f"{self._key_path(shard)}: corrupt shard index ({e})") from None
             index = np.frombuffer(body, dtype="<u8").reshape(*per, 2)
             self._indexes[shard] = index
         return index
 
-    def _decode(self, data: bytes) -> np.ndarray:
-        if self._codec is not None:
-            data = self._codec.decode(data)
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk)
+    def _decode(self, data: bytes, where: Path) -> np.ndarray:
+        try:
+            if self._codec is not None:
+                data = self._codec.decode(data)
+            return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk)
+        except (RuntimeError, ValueError) as e:
+            raise OSError(f"{where}: corrupt chunk ({e})") from None
 
     def _load(self, grid: tuple[int, ...], fds: dict[Path, tuple[int, int]]) -> np.ndarray | None:
         """Decoded chunk ``grid`` (None where the store holds none: the fill value)."""
@@ -164,12 +170,12 @@ class VolumeReader:
         if fd < 0:
             return None
         if inner is None:
-            return self._decode(os.pread(fd, size, 0))
-        index = self._shard_index(tuple(g // p for g, p in zip(grid, [s // c for s, c in zip(self.shard, self.chunk)])), fd, size)
+            return self._decode(os.pread(fd, size, 0), file)
+        index = self._shard_index(tuple(g // p for g, p in zip(grid, per)), fd, size)
         offset, nbytes = (int(v) for v in index[inner])
         if offset == _EMPTY and nbytes == _EMPTY:
             return None
-        return self._decode(os.pread(fd, nbytes, offset))
+        return self._decode(os.pread(fd, nbytes, offset), file)
 
     # -- boxes --------------------------------------------------------------------
     def box(self, start: tuple[int, ...], size: tuple[int, ...], fill: float | None = None, out: np.ndarray | None = None) -> np.ndarray:

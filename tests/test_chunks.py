@@ -1,0 +1,102 @@
+"""The lean crop read path against zarr itself, on every layout the store writes, and its cache bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import GzipCodec
+
+from medssl_scale.store.chunks import ChunkCache, VolumeReader
+from medssl_scale.store.volumes import ArrayStore, VolumeLayout
+
+SHAPE_XYZ = (70, 45, 33)  # not a multiple of any chunk
+
+
+def _volume(dtype=np.int16) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.asfortranarray(rng.integers(-1000, 1500, SHAPE_XYZ).astype(dtype))
+
+
+def _boxes(rng, shape, n=40):
+    for _ in range(n):
+        size = tuple(int(rng.integers(1, 2 * s)) for s in shape)
+        start = tuple(int(rng.integers(-s // 2 - 5, s)) for s in shape)
+        yield start, size
+
+
+def _expected(zyx: np.ndarray, start, size, fill) -> np.ndarray:
+    out = np.full(size, fill, dtype=zyx.dtype)
+    lo = [max(0, s) for s in start]
+    hi = [min(n, s + k) for s, k, n in zip(start, size, zyx.shape)]
+    if all(h > l for l, h in zip(lo, hi)):
+        out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = zyx[tuple(slice(l, h) for l, h in zip(lo, hi))]
+    return out
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        VolumeLayout(chunk=16, shard=32, cname="lz4", clevel=5),
+        VolumeLayout(chunk=16, shard=0, cname="zstd", clevel=3),
+        VolumeLayout(chunk=64, shard=256),
+    ],
+    ids=["sharded-lz4", "unsharded-zstd", "default"],
+)
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_boxes_equal_zarr_and_pad_outside(tmp_path, layout, dtype):
+    store = ArrayStore(tmp_path / "v.zarr", tmp_path / "tmp", layout)
+    vol = _volume(dtype)
+    store.write("v1", vol, {})
+    reader = VolumeReader(tmp_path / "v.zarr" / "v1", ChunkCache(1 << 20))
+    assert reader.lean
+    zyx = np.ascontiguousarray(vol.T)
+    rng = np.random.default_rng(1)
+    for start, size in _boxes(rng, zyx.shape):
+        got = reader.box(start, size, fill=-7)
+        np.testing.assert_array_equal(got, _expected(zyx, start, size, -7), err_msg=f"box {start} {size}")
+        assert got.flags.c_contiguous
+    # Inside the volume, the store's own crop (zarr) agrees too.
+    x, y, z = 5, 7, 3
+    np.testing.assert_array_equal(reader.box((z, y, x), (20, 30, 40)), store.crop("v1", (x, y, z), (40, 30, 20)).T)
+
+
+def test_other_layouts_fall_back_to_zarr(tmp_path):
+    zyx = np.ascontiguousarray(_volume().T)
+    g = zarr.create_array(str(tmp_path / "g"), shape=zyx.shape, dtype=zyx.dtype, chunks=(8, 8, 8), compressors=GzipCodec())
+    g[...] = zyx
+    # A transposing array-to-array codec is not one the lean path reads.
+    t = zarr.create_array(str(tmp_path / "t"), shape=zyx.shape, dtype=zyx.dtype, chunks=(8, 8, 8), serializer="auto",
+                          filters=[{"name": "transpose", "configuration": {"order": [2, 1, 0]}}])
+    t[...] = zyx
+    lean, fallback = VolumeReader(tmp_path / "g"), VolumeReader(tmp_path / "t")
+    assert lean.lean and not fallback.lean
+    for start, size in _boxes(np.random.default_rng(2), zyx.shape, 10):
+        want = _expected(zyx, start, size, 0)
+        np.testing.assert_array_equal(lean.box(start, size, fill=0), want)
+        np.testing.assert_array_equal(fallback.box(start, size, fill=0), want)
+
+
+def test_cache_is_bounded_and_reused(tmp_path):
+    store = ArrayStore(tmp_path / "v.zarr", tmp_path / "tmp", VolumeLayout(chunk=16, shard=32))
+    store.write("v1", _volume(), {})
+    chunk_bytes = 16**3 * 2
+    cache = ChunkCache(5 * chunk_bytes)
+    reader = VolumeReader(tmp_path / "v.zarr" / "v1", cache)
+    reader.box((0, 0, 0), (16, 16, 32))  # two chunks
+    assert cache.misses == 2 and cache.hits == 0
+    reader.box((0, 0, 0), (16, 16, 32))
+    assert cache.hits == 2
+    reader.box((0, 0, 0), (33, 45, 70))  # every chunk: far more than the budget
+    assert 0 < cache.nbytes <= 5 * chunk_bytes
+
+
+def test_corrupt_shard_names_the_file(tmp_path):
+    store = ArrayStore(tmp_path / "v.zarr", tmp_path / "tmp", VolumeLayout(chunk=16, shard=32))
+    store.write("v1", _volume(), {})
+    shard = tmp_path / "v.zarr" / "v1" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the shard index
+    shard.write_bytes(bytes(data))
+    with pytest.raises(OSError, match=r"c/0/0/0: corrupt shard index"):
+        VolumeReader(tmp_path / "v.zarr" / "v1").box((0, 0, 0), (4, 4, 4))

@@ -1,0 +1,272 @@
+"""Training data on one process: plans, crops, views, normalisation, determinism and exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from sample_data import reshard, training_dataset
+
+from medssl_scale.data import (
+    Catalog,
+    CropDataset,
+    DataConfig,
+    EpochPlan,
+    Loader,
+    PlanSampler,
+)
+from medssl_scale.data.boxes import ForegroundSampler, iou, uniform_start
+from medssl_scale.data.config import Normalize
+from medssl_scale.data.stream import consumed_per_worker, deal
+from medssl_scale.data.transforms import normalize
+from medssl_scale.store import foreground
+from medssl_scale.store.layout import DatasetDir
+from medssl_scale.store.volumes import volume_store
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return training_dataset(tmp_path_factory.mktemp("data"))
+
+
+def cfg(dataset, **kw) -> DataConfig:
+    base = {"dataset": str(dataset), "crop": 24, "batch_size": 2, "workers": 0, "crops_per_visit": 2}
+    return DataConfig(**{**base, **kw})
+
+
+def batches(loader: Loader, n: int | None = None) -> list[dict]:
+    out = []
+    for b in loader.epoch_batches():
+        out.append(b)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, msg=k)
+            else:
+                assert x[k] == y[k], k
+
+
+# -- plans ------------------------------------------------------------------------------
+
+def test_plan_splits_ranks_disjointly_and_completely(dataset):
+    cat = Catalog.load(dataset)
+    plan = EpochPlan(cat, seed=3, crops_per_visit=3, world=2, batch_size=2)
+    per_rank = [[s for b in PlanSampler(plan, r, workers=2).batches(0) for s in b] for r in range(2)]
+    slots = [{s.slot for s in ss} for ss in per_rank]
+    assert len(per_rank[0]) == len(per_rank[1]) == plan.samples_per_rank()
+    assert not slots[0] & slots[1]
+    assert slots[0] | slots[1] == set(range(2 * plan.samples_per_rank()))
+    # Every volume is visited, crops_per_visit times, when nothing is weighted.
+    visits = [s.volume for ss in per_rank for s in ss]
+    assert sorted(set(visits)) == list(range(len(cat)))
+    # Layout for the cache: a batch mixes volumes; a worker's batches come from few volumes.
+    first = PlanSampler(plan, 0, workers=2).batches(0)
+    assert all(len({s.volume for s in b}) == 2 for b in first)
+
+
+def test_plan_order_is_seeded(dataset):
+    cat = Catalog.load(dataset)
+    a = EpochPlan(cat, seed=1, world=1, batch_size=2)
+    assert a.visits(0) == EpochPlan(cat, seed=1, world=1, batch_size=2).visits(0)
+    assert a.visits(0) != a.visits(1)
+    assert a.visits(0) != EpochPlan(cat, seed=2, world=1, batch_size=2).visits(0)
+
+
+def test_modality_weights_and_filters(dataset):
+    cat = Catalog.load(dataset)
+    only_mr = EpochPlan(cat, seed=0, modality_weights={"CT": 0.0, "MR": 1.0}, samples_per_epoch=40)
+    assert {cat.volumes[v].modality for (v,) in only_mr.visits(0)} == {"MR"}
+    even = EpochPlan(cat, seed=0, crops_per_visit=1, modality_weights={"CT": 1.0, "MR": 1.0}, samples_per_epoch=4000)
+    share = np.mean([cat.volumes[v].modality == "MR" for (v,) in even.visits(0)])
+    assert 0.45 < share < 0.55  # 2 MR against 4 CT volumes, yet half the crops
+    assert {v.modality for v in Catalog.load(dataset, ("MR",)).volumes} == {"MR"}
+    with pytest.raises(ValueError, match="do not hold|does not hold"):
+        EpochPlan(Catalog.load(dataset, ("CT",)), modality_weights={"MR": 1.0})
+
+
+def test_paired_modality_batches(dataset):
+    loader = Loader(cfg(dataset, pairs=True, batch_size=4))
+    for b in batches(loader):
+        assert b["modality"].tolist() == [0, 1, 0, 1]
+        subj = b["subject"].tolist()
+        assert subj[0] == subj[1] and subj[2] == subj[3] and subj[0] >= 0
+    with pytest.raises(ValidationError, match="even batch_size"):
+        cfg(dataset, pairs=True, batch_size=3)
+
+
+# -- crops ------------------------------------------------------------------------------
+
+def test_crop_matches_the_store_and_pads_small_volumes(dataset):
+    loader = Loader(cfg(dataset, crop=(40, 24, 64), sampling="uniform", normalize={"ct_window": (-1024, 1024)}, labels=True))
+    ds = DatasetDir(dataset)
+    vols = volume_store(ds)
+    for b in batches(loader, 3):
+        for i in range(2):
+            vid, (start, size) = b["volume"][i], b["box"][i].tolist()
+            zyx = np.ascontiguousarray(vols.read(vid).T)
+            pad = -1024 if b["modality"][i] == 0 else 0
+            want = np.full(size, pad, np.float32)
+            lo = [max(0, s) for s in start]
+            hi = [min(n, s + k) for s, k, n in zip(start, size, zyx.shape)]
+            want[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = zyx[tuple(slice(l, h) for l, h in zip(lo, hi))]
+            if b["modality"][i] == 0:
+                want = (np.clip(want, -1024, 1024) + 1024) / 2048
+                # The volume (x = 48 voxels) is narrower than the crop (64): padded, at a random offset.
+                assert start[2] <= 0 and start[2] + 64 >= 48
+            else:
+                continue  # MR normalisation is checked on its own
+            np.testing.assert_allclose(b["image"][i, 0].numpy(), want, rtol=1e-6, atol=1e-6)
+            assert b["label"].dtype == torch.int16 and b["label"].shape == (2, 1, 40, 24, 64)
+
+
+def test_sample_content_does_not_depend_on_workers(dataset):
+    one = batches(Loader(cfg(dataset, workers=0)))
+    # Workers change the order (the cache layout), never what a slot holds.
+    two = batches(Loader(cfg(dataset, workers=2)))
+    by_slot = lambda bs: {int(s): b["image"][i] for b in bs for i, s in enumerate(b["slot"])}  # noqa: E731
+    a, b = by_slot(one), by_slot(two)
+    assert a.keys() == b.keys()
+    for s in a:
+        torch.testing.assert_close(a[s], b[s], rtol=0, atol=0)
+
+
+def test_foreground_sampling_avoids_air(tmp_path):
+    # A volume that is air except one corner block: uniform crops mostly miss it.
+    vol = np.full((96, 96, 96), -1000, np.int16)
+    vol[:32, :32, :32] = 40
+    grid, block = foreground.decode(foreground.encode(foreground.foreground_grid(vol, foreground.CT_BODY_HU)))
+    assert grid.shape == (6, 6, 6) and grid[0, 0, 0] == 255 and grid[5, 5, 5] == 0
+    s = ForegroundSampler(grid, block, vol.shape, (32, 32, 32), min_fraction=0.5)
+    rng = np.random.default_rng(0)
+
+    def body(start):
+        z, y, x = start
+        return (vol[z : z + 32, y : y + 32, x : x + 32] > -900).mean()
+
+    aware = [body(s.start(rng)) for _ in range(200)]
+    uniform = [body(uniform_start(rng, vol.shape, (32, 32, 32))) for _ in range(200)]
+    assert min(aware) > 0.1 and np.mean(aware) > 0.4  # never air; about min_fraction body on average
+    assert np.mean(uniform) < 0.15
+    # Nothing body enough: the most-body box, not an error.
+    s = ForegroundSampler(grid, block, vol.shape, (96, 96, 96), min_fraction=0.9)
+    assert s.start(rng) == (0, 0, 0)
+
+
+def test_normalisation_per_modality():
+    x = np.array([-2000, -1000, 0, 1000, 3000], np.int16)
+    np.testing.assert_allclose(normalize(x, "CT", None, Normalize()), [0, 0, 0.5, 1, 1])
+    np.testing.assert_allclose(normalize(x, "CT", None, Normalize(ct_window=(-175, 250))), [0, 0, 175 / 425, 1, 1], rtol=1e-6)
+    stats = {"p0_5": 10.0, "p99_5": 110.0, "clip_mean": 60.0, "clip_std": 20.0}
+    y = np.array([0.0, 10.0, 60.0, 200.0], np.float32)
+    np.testing.assert_allclose(normalize(y, "MR", stats, Normalize()), [-2.5, -2.5, 0.0, 2.5])
+    np.testing.assert_allclose(normalize(y, "MR", stats, Normalize(mr_zscore=False)), [0, 0, 0.5, 1])
+
+
+# -- views ------------------------------------------------------------------------------
+
+def test_view_pairs_overlap_where_they_say(dataset):
+    loader = Loader(cfg(dataset, views={"kind": "pair"}, crop=16, labels=True, augment=[]))
+    checked = 0
+    for b in batches(loader):
+        for i in range(2):
+            regions = []
+            for v in (1, 2):
+                view = b[f"view{v}"][i, 0]
+                (z0, y0, x0), (z1, y1, x1) = b[f"overlap{v}"][i].tolist()
+                r = view[z0:z1, y0:y1, x0:x1]
+                flips = [ax for ax in range(3) if b[f"flip{v}"][i, ax]]
+                regions.append(torch.flip(r, flips) if flips else r)
+            assert regions[0].numel() > 0
+            torch.testing.assert_close(regions[0], regions[1], rtol=0, atol=0)
+            # Boxes in the volume agree with the overlap
+            (a, sa), (c, sc) = b["box1"][i].tolist(), b["box2"][i].tolist()
+            assert iou((tuple(a), tuple(sa)), (tuple(c), tuple(sc))) > 0
+            checked += 1
+    assert checked > 4
+
+
+def test_pcrl_sub_crops(dataset):
+    vc = {"kind": "pcrl", "global_sizes": [(16, 24, 24), (24, 24, 24)], "global_out": (8, 16, 16), "local_sizes": [(8, 8, 8)], "local_out": 4, "n_local": 3}
+    loader = Loader(cfg(dataset, views=vc))
+    for b in batches(loader, 4):
+        assert b["global1"].shape == (2, 1, 8, 16, 16) and b["local"].shape == (2, 3, 4, 4, 4)
+        for i in range(2):
+            g = [(tuple(s), tuple(z)) for s, z in b["box_global"][i].tolist()]
+            assert iou(g[0], g[1]) > 0.3
+            lo = np.minimum(np.array(g[0][0]), np.array(g[1][0]))
+            hi = np.maximum(np.add(*g[0]), np.add(*g[1]))
+            for s, _ in b["box_local"][i].tolist():
+                assert (np.array(s) >= lo).all() and (np.array(s) < hi).all()
+
+
+def test_views_get_independent_augmentation(dataset):
+    aug = [{"name": "RandGaussianNoised", "args": {"prob": 1.0, "std": 0.1}}]
+    b = batches(Loader(cfg(dataset, views={"kind": "pair", "flip": False}, crop=16, augment=aug)), 1)[0]
+    d1 = b["view1"][0, 0]
+    (z0, y0, x0), (z1, y1, x1) = b["overlap1"][0].tolist()
+    (w0, v0, u0), (w1, v1, u1) = b["overlap2"][0].tolist()
+    diff = d1[z0:z1, y0:y1, x0:x1] - b["view2"][0, 0][w0:w1, v0:v1, u0:u1]
+    assert diff.abs().mean() > 0.05  # different noise in each view
+
+
+def test_config_errors_are_clear(dataset):
+    with pytest.raises(ValidationError, match="crop_size"):
+        DataConfig(dataset=str(dataset), crop_size=96)
+    with pytest.raises(ValueError, match="not a MONAI dictionary transform"):
+        CropDataset(Catalog.load(dataset), cfg(dataset, augment=[{"name": "NoSuchd"}]))
+    with pytest.raises(ValueError, match="overlap boxes"):
+        CropDataset(Catalog.load(dataset), cfg(dataset, views={"kind": "pair"}, augment=[{"name": "RandFlipd", "args": {"prob": 0.5}}]))
+    with pytest.raises(FileNotFoundError, match="not a dataset directory"):
+        Catalog.load(dataset / "nope")
+
+
+# -- determinism and resume ---------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["zarr", "shards"])
+def test_resume_sees_exactly_the_remaining_samples(dataset, source):
+    c = cfg(dataset, source=source, workers=2, crops_per_visit=3, shuffle_buffer=4)
+    full = Loader(c)
+    reference = batches(full) + batches(full)  # two epochs
+    n = len(reference) // 2
+    for stop in (1, n - 1, n + 2):
+        first = Loader(c)
+        it = iter(first)
+        seen = [next(it) for _ in range(stop)]
+        state = first.state_dict()
+        resumed = Loader(c)
+        resumed.load_state_dict(state)
+        rest = iter(resumed)
+        seen += [next(rest) for _ in range(len(reference) - stop)]
+        same(seen, reference)
+    with pytest.raises(ValueError, match="workers 2 -> 1"):
+        Loader(cfg(dataset, source=source, workers=1, crops_per_visit=3, shuffle_buffer=4)).load_state_dict(state)
+
+
+def test_shards_split_unequal_shards_evenly(tmp_path):
+    data = training_dataset(tmp_path, n_patients=5, n_mr=1)
+    reshard(data, [4, 1, 1])
+    counts = [4, 1, 1]
+    bins = deal(counts, [0, 1, 2], 2)
+    assert sorted(sum(counts[i] for i in b) for b in bins) == [2, 4]
+    per_rank = []
+    for rank in range(2):
+        loader = Loader(cfg(data, source="shards", workers=2, crops_per_visit=2), rank=rank, world=2)
+        got = batches(loader)
+        assert len(got) == len(loader) == 3  # 6 volumes x 2 crops / 2 ranks / batch 2
+        per_rank.append({v for b in got for v in b["volume"]})
+    assert not per_rank[0] & per_rank[1]
+
+
+def test_round_robin_consumption():
+    assert consumed_per_worker(5, [3, 3]) == [3, 2]
+    assert consumed_per_worker(5, [3, 2]) == [3, 2]
+    assert consumed_per_worker(3, [1, 3]) == [1, 2]
