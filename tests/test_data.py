@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -270,3 +272,31 @@ def test_round_robin_consumption():
     assert consumed_per_worker(5, [3, 3]) == [3, 2]
     assert consumed_per_worker(5, [3, 2]) == [3, 2]
     assert consumed_per_worker(3, [1, 3]) == [1, 2]
+
+
+def test_example_yaml_validates(dataset):
+    import yaml
+
+    path = Path(__file__).parents[1] / "configs" / "data" / "ct-mr-views.yaml"
+    raw = yaml.safe_load(path.read_text())["data"]
+    c = DataConfig.model_validate({**raw, "dataset": str(dataset), "crop": 16, "workers": 0})
+    assert c.views.kind == "pair" and c.modality_weights == {"CT": 1.0, "MR": 1.0}
+    b = batches(Loader(c), 1)[0]
+    assert b["view1"].shape == (2, 1, 16, 16, 16)
+    with pytest.raises(ValidationError, match="batch_sise"):
+        DataConfig.model_validate({**raw, "batch_sise": 3})
+
+
+def test_shards_through_pipe_urls(dataset):
+    # Object storage is a pipe: command away; `cat` stands in for `aws s3 cp ... -`.
+    local = batches(Loader(cfg(dataset, source="shards")))
+    piped = batches(Loader(cfg(dataset, source="shards", shard_url=f"pipe:cat {dataset}/shards/{{name}}")))
+    same(local, piped)
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    data = training_dataset(tmp_path, n_patients=2, n_mr=0)
+    shard = sorted((data / "shards").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:3000])  # cut inside the first member
+    with pytest.raises(Exception, match=shard.name):
+        batches(Loader(cfg(data, source="shards")))

@@ -173,6 +173,24 @@ class Cropper:
         self.augment = build_augment(cfg.augment, ["image"], geometric_ok=kind == "none")
         self.min_fg = cfg.min_foreground if cfg.sampling == "foreground" else None
 
+    def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each large tensor of a sample (what the loader's shared ring holds)."""
+        c, vc = self.cfg.crop, self.cfg.views
+        one = (1, *c)
+        if vc.kind == "none":
+            out = {"image": (one, torch.float32)}
+            if self.cfg.labels:
+                out["label"] = (one, torch.int16)
+        elif vc.kind == "pair":
+            out = {"view1": (one, torch.float32), "view2": (one, torch.float32)}
+            if self.cfg.labels:
+                out.update(label1=(one, torch.int16), label2=(one, torch.int16))
+        else:
+            out = {"global1": ((1, *vc.global_out), torch.float32), "global2": ((1, *vc.global_out), torch.float32)}
+            if vc.n_local:
+                out["local"] = ((vc.n_local, *vc.local_out), torch.float32)
+        return out
+
     def __call__(self, access: _Access, v: int, rng: np.random.Generator) -> dict[str, Any]:
         self.access = access
         d: dict[str, Any] = {"modality_name": access.modality(v), "stats": access.attrs(v).get("stats")}

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medssl_scale.data.catalog import Catalog
+from medssl_scale.data.collate import RING_KEY, Collate, Ring
 from medssl_scale.data.config import DataConfig
 from medssl_scale.data.crops import CropDataset
 from medssl_scale.data.plan import EpochPlan, PlanSampler
@@ -36,13 +37,24 @@ def _dist() -> tuple[int, int]:
 
 
 class Loader:
-    def __init__(self, cfg: DataConfig, rank: int | None = None, world: int | None = None):
+    """Batches of one rank, forever, resumable.
+
+    ``copy=False`` hands out views of the shared batch ring instead of copies
+    (one copy less per batch); a view stays valid until the consumer has
+    drawn two more batches, which suits a training step that uses each batch
+    before asking for the next. With a GPU, batches come in pinned memory.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int | None = None, world: int | None = None, copy: bool = True):
         r, w = _dist()
         self.cfg = cfg
         self.rank = r if rank is None else rank
         self.world = w if world is None else world
         self.epoch = 0
         self.position = 0  # batches consumed in this epoch
+        self.copy = copy
+        self.pin = torch.cuda.is_available()
+        self.ring: Ring | None = None
         if cfg.source == "zarr":
             modalities = tuple(cfg.modalities) if cfg.modalities else None
             self.catalog = Catalog.load(cfg.dataset, modalities)
@@ -59,9 +71,14 @@ class Loader:
         return len(self.sampler) if self.cfg.source == "zarr" else self.dataset.batches  # type: ignore[union-attr]
 
     def _dataloader(self) -> DataLoader:
-        kw: dict[str, Any] = {"num_workers": self.cfg.workers, "pin_memory": torch.cuda.is_available()}
+        kw: dict[str, Any] = {"num_workers": self.cfg.workers}
         if self.cfg.workers:
-            kw.update(prefetch_factor=self.cfg.prefetch)
+            if self.ring is None:  # allocated once, before the first workers fork
+                cropper = self.dataset.cropper
+                self.ring = Ring(cropper.spec(), self.cfg.batch_size, self.cfg.workers, self.cfg.prefetch)
+            kw.update(prefetch_factor=self.cfg.prefetch, collate_fn=Collate(self.ring))
+        else:
+            kw.update(collate_fn=Collate(None), pin_memory=self.pin)
         if self.cfg.source == "zarr":
             self.sampler.epoch, self.sampler.start = self.epoch, self.position
             return DataLoader(self.dataset, batch_sampler=self.sampler, **kw)
@@ -76,6 +93,9 @@ class Loader:
     def epoch_batches(self) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch."""
         for batch in self._dataloader():
+            if RING_KEY in batch:
+                assert self.ring is not None
+                batch = self.ring.take(batch, copy=self.copy, pin=self.pin)
             self.position += 1
             yield batch
         if self.position != len(self):
