@@ -192,15 +192,14 @@ class Cropper:
         return out
 
     def __call__(self, access: _Access, v: int, rng: np.random.Generator) -> dict[str, Any]:
-        self.access = access
         d: dict[str, Any] = {"modality_name": access.modality(v), "stats": access.attrs(v).get("stats")}
         kind = self.cfg.views.kind
         if kind == "none":
-            self._single(d, v, rng)
+            self._single(access, d, v, rng)
         elif kind == "pair":
-            self._pair(d, v, rng)
+            self._pair(access, d, v, rng)
         else:
-            self._pcrl(d, v, rng)
+            self._pcrl(access, d, v, rng)
         if self.augment is not None:
             # Each view (and each sub-crop) gets its own draw: MONAI's dictionary transforms draw
             # once per call and apply the same to every key.
@@ -218,24 +217,24 @@ class Cropper:
         return {k: as_tensor(val) if k in keep else val for k, val in d.items() if k not in ("modality_name", "stats")}
 
     # -- one crop -------------------------------------------------------------------
-    def _single(self, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
+    def _single(self, access: _Access, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
         size = self.cfg.crop
-        box = (self.access.start(v, size, rng, self.min_fg), size)
-        d["image"] = self._norm(d, self.access.read(v, box))[None]
+        box = (access.start(v, size, rng, self.min_fg), size)
+        d["image"] = self._norm(d, access.read(v, box))[None]
         if self.cfg.labels:
-            d["label"] = self.access.read_label(v, box)[None]
+            d["label"] = access.read_label(v, box)[None]
         d["box"] = torch.tensor(box)
 
     def _norm(self, d: dict[str, Any], x: np.ndarray) -> np.ndarray:
         return normalize(x, d["modality_name"], d["stats"], self.cfg.normalize)
 
     # -- two overlapping views ------------------------------------------------------
-    def _pair(self, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
+    def _pair(self, access: _Access, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
         crop = self.cfg.crop
         region_size = tuple(max(c, math.ceil(c * self.cfg.views.region_scale)) for c in crop)
-        start = self.access.start(v, region_size, rng, self.min_fg)
-        region = self._norm(d, self.access.read(v, (start, region_size)))
-        label = self.access.read_label(v, (start, region_size)) if self.cfg.labels else None
+        start = access.start(v, region_size, rng, self.min_fg)
+        region = self._norm(d, access.read(v, (start, region_size)))
+        label = access.read_label(v, (start, region_size)) if self.cfg.labels else None
         offs = [tuple(int(rng.integers(0, r - c + 1)) for r, c in zip(region_size, crop)) for _ in range(2)]
         flips = [tuple(bool(f) for f in (rng.random(3) < 0.5)) if self.cfg.views.flip else (False,) * 3 for _ in range(2)]
         lo = [max(a, b) for a, b in zip(*offs)]
@@ -254,11 +253,11 @@ class Cropper:
             d[f"box{i}"] = torch.tensor([[s + a for s, a in zip(start, o)], list(crop)])
 
     # -- PCRLv2 sub-crops -----------------------------------------------------------
-    def _pcrl(self, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
+    def _pcrl(self, access: _Access, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
         vc = self.cfg.views
-        shape = self.access.shape(v)
+        shape = access.shape(v)
         sizes = [tuple(vc.global_sizes[rng.integers(len(vc.global_sizes))]) for _ in range(2)]
-        b1: Box = (self.access.start(v, sizes[0], rng, self.min_fg), sizes[0])
+        b1: Box = (access.start(v, sizes[0], rng, self.min_fg), sizes[0])
         b2: Box | None = None
         for _ in range(100):  # a second global crop overlapping the first by IoU > min_iou
             start = tuple(int(s + rng.integers(-z // 2, z // 2 + 1)) for s, z in zip(b1[0], sizes[0]))
@@ -270,7 +269,7 @@ class Cropper:
         if b2 is None:  # fall back to a concentric box, the largest overlap there is
             b2 = (tuple(s + (a - b) // 2 for s, a, b in zip(b1[0], sizes[0], sizes[1])), sizes[1])
         u = union_box([b1, b2])
-        region = torch.from_numpy(self._norm(d, self.access.read(v, u)))
+        region = torch.from_numpy(self._norm(d, access.read(v, u)))
         locals_: list[Box] = []
         for _ in range(vc.n_local):
             size = tuple(vc.local_sizes[rng.integers(len(vc.local_sizes))])
