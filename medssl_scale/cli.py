@@ -9,6 +9,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from ingest import cli as ingest_cli
     from medssl_scale import demo, inspect
+    from medssl_scale.data import preview
 
     parser = argparse.ArgumentParser(prog="medssl", description="Self-supervised pre-training on 3D CT and MRI, at scale.")
     parser.add_argument("--version", action="version", version=f"medssl-scale {__import__('medssl_scale').__version__}")
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest_cli.add_parser(sub)
     inspect.add_parser(sub)
     demo.add_parser(sub)
+    preview.add_parser(sub)
     return parser
 
 

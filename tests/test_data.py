@@ -300,3 +300,16 @@ def test_corrupt_shard_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[:3000])  # cut inside the first member
     with pytest.raises(Exception, match=shard.name):
         batches(Loader(cfg(data, source="shards")))
+
+
+def test_preview_contact_sheet(dataset, tmp_path):
+    from PIL import Image
+    from sample_data import run_cli
+
+    out = tmp_path / "sheet.png"
+    res = run_cli("preview", "--dataset", str(dataset), "--out", str(out), "--rows", "3", "crop=16", "views.kind=pair", "labels=true")
+    assert "3 samples" in res.stdout
+    img = Image.open(out)
+    assert img.size == (2 * (128 + 4), 3 * (128 + 14))
+    bad = run_cli("preview", "--dataset", str(dataset), "views.kind=triple", check=False)
+    assert bad.returncode == 2 and "kind" in bad.stderr

@@ -6,8 +6,8 @@ import tarfile
 
 import numpy as np
 import pytest
-
 from sample_data import dicom_series, run_cli
+
 from ingest.deid import Pseudonymizer, scrub
 from medssl_scale.store.layout import DatasetDir
 from medssl_scale.store.manifest import latest, read_manifest

@@ -8,8 +8,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import webdataset as wds
+from sample_data import (
+    NIB_DATA,
+    assert_same_dataset,
+    dicom_series,
+    mixed_collection,
+    phantom_collection,
+    run_cli,
+)
 
-from sample_data import NIB_DATA, assert_same_dataset, dicom_series, mixed_collection, phantom_collection, run_cli
 from ingest.runner import IngestConfig, OutputError, run_ingest
 from medssl_scale.inspect import check_dataset
 from medssl_scale.store.layout import DatasetDir

@@ -30,8 +30,18 @@ from medssl_scale.io.dicom import (
     read_series,
     scan_header,
 )
-from medssl_scale.io.types import FailedInput, InputError, Limits, RawVolume, SkippedInput
-from medssl_scale.synth.dicom import DEFAULT_IDENTIFIERS, available_transfer_syntaxes, write_series
+from medssl_scale.io.types import (
+    FailedInput,
+    InputError,
+    Limits,
+    RawVolume,
+    SkippedInput,
+)
+from medssl_scale.synth.dicom import (
+    DEFAULT_IDENTIFIERS,
+    available_transfer_syntaxes,
+    write_series,
+)
 
 SHAPE = (24, 20, 8)  # i (columns), j (rows), k (slices): deliberately all different
 AXIAL = np.diag([-0.7, -0.8, 2.5, 1.0])  # the usual DICOM axial: rows along L, columns along P

@@ -17,7 +17,12 @@ import SimpleITK as sitk
 from nibabel.testing import data_path as NIB_DATA
 
 from medssl_scale.io.canonical import spacing_of, to_canonical
-from medssl_scale.io.files import companions, image_format, is_companion_suffix, read_image_file
+from medssl_scale.io.files import (
+    companions,
+    image_format,
+    is_companion_suffix,
+    read_image_file,
+)
 from medssl_scale.io.types import FailedInput, Limits, SkippedInput
 
 NIB = Path(NIB_DATA)

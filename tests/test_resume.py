@@ -7,8 +7,8 @@ import sys
 import time
 
 import pytest
-
 from sample_data import assert_same_dataset, dicom_series, phantom_collection, run_cli
+
 from medssl_scale.inspect import check_dataset
 from medssl_scale.store.layout import DatasetDir
 

@@ -9,8 +9,19 @@ import webdataset as wds
 import zarr
 
 from medssl_scale.store.layout import DatasetDir, publish_dir
-from medssl_scale.store.manifest import ManifestAppender, ManifestRecord, compact, read_manifest
-from medssl_scale.store.shards import ShardWriter, read_index, shard_urls, verify_shards, write_sample_fragment
+from medssl_scale.store.manifest import (
+    ManifestAppender,
+    ManifestRecord,
+    compact,
+    read_manifest,
+)
+from medssl_scale.store.shards import (
+    ShardWriter,
+    read_index,
+    shard_urls,
+    verify_shards,
+    write_sample_fragment,
+)
 from medssl_scale.store.volumes import VolumeLayout, volume_store
 
 

@@ -40,7 +40,13 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 
-from medssl_scale.io.types import MODALITIES, FailedInput, Limits, RawVolume, SkippedInput
+from medssl_scale.io.types import (
+    MODALITIES,
+    FailedInput,
+    Limits,
+    RawVolume,
+    SkippedInput,
+)
 
 __all__ = [
     "IDENTIFYING_KEYWORDS",

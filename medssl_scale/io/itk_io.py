@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medssl_scale.io.types import FailedInput, InputError, Limits, RawVolume, SkippedInput, reader_errors
+from medssl_scale.io.types import (
+    FailedInput,
+    InputError,
+    Limits,
+    RawVolume,
+    SkippedInput,
+    reader_errors,
+)
 
 MAX_HEADER_BYTES = 1 << 20  # a real header is a few kB; more is hostile or not a header
 MAX_DATA_FILES = 65_536

@@ -23,7 +23,14 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.minc1 import Minc1Image
 
-from medssl_scale.io.types import FailedInput, InputError, Limits, RawVolume, SkippedInput, reader_errors
+from medssl_scale.io.types import (
+    FailedInput,
+    InputError,
+    Limits,
+    RawVolume,
+    SkippedInput,
+    reader_errors,
+)
 
 _FORMATS = {  # nibabel class name -> RawVolume.format
     "Nifti1Image": "nifti1", "Nifti2Image": "nifti2",
