@@ -239,7 +239,7 @@ def test_resume_sees_exactly_the_remaining_samples(dataset, source):
     full = Loader(c)
     reference = batches(full) + batches(full)  # two epochs
     n = len(reference) // 2
-    for stop in (1, n - 1, n + 2):
+    for stop in (1, n - 1, n, n + 2):
         first = Loader(c)
         it = iter(first)
         seen = [next(it) for _ in range(stop)]
@@ -313,3 +313,104 @@ def test_preview_contact_sheet(dataset, tmp_path):
     assert img.size == (2 * (128 + 4), 3 * (128 + 14))
     bad = run_cli("preview", "--dataset", str(dataset), "views.kind=triple", check=False)
     assert bad.returncode == 2 and "kind" in bad.stderr
+
+
+# -- review regressions -------------------------------------------------------------------
+
+def test_ring_slots_are_not_rewritten_while_held(tmp_path):
+    import time
+
+    data = training_dataset(tmp_path, n_patients=1, n_mr=0)  # 1 shard, more workers than shards
+    zyx = np.ascontiguousarray(volume_store(DatasetDir(data)).read(Catalog.load(data).volumes[0].volume_id).T)
+    loader = Loader(cfg(data, source="shards", workers=4, crops_per_visit=4, samples_per_epoch=64), copy=False)
+    for b in loader.epoch_batches():
+        time.sleep(0.01)  # a training step holding the batch while workers run ahead
+        for i in range(2):
+            (z, y, x), size = b["box"][i].tolist()
+            assert min(z, y, x) >= 0 and list(size) == [24, 24, 24]
+            want = (np.clip(zyx[z : z + 24, y : y + 24, x : x + 24], -1000, 1000) + 1000) / 2000
+            np.testing.assert_allclose(b["image"][i, 0].numpy(), want, atol=1e-6)
+
+
+def test_shards_leave_out_different_volumes_each_epoch(tmp_path):
+    data = training_dataset(tmp_path, n_patients=5, n_mr=1)
+    reshard(data, [4, 1, 1])
+    seen = set()
+    loaders = [Loader(cfg(data, source="shards", workers=0, crops_per_visit=2), rank=r, world=2) for r in range(2)]
+    for _ in range(6):
+        for loader in loaders:
+            seen |= {v for b in batches(loader) for v in b["volume"]}
+    assert seen == {v.volume_id for v in Catalog.load(data).volumes}
+
+
+def test_gzipped_shards_stream(tmp_path):
+    from ingest.runner import IngestConfig, run_ingest
+
+    src = training_dataset(tmp_path / "a", n_patients=2, n_mr=0).parent / "src"
+    out = tmp_path / "gz"
+    run_ingest(IngestConfig(sources=[src], out=out, shard_codec="npy.gz", shard_size=1))
+    got = batches(Loader(cfg(out, source="shards")))
+    assert len(got) == 2 and got[0]["image"].shape == (2, 1, 24, 24, 24)
+
+
+def test_shards_refuse_what_only_zarr_can_do(dataset):
+    for kw in ({"modalities": ["CT"]}, {"modality_weights": {"CT": 1.0}}, {"pairs": True}):
+        with pytest.raises(ValidationError, match="need source: zarr"):
+            cfg(dataset, source="shards", **kw)
+    with pytest.raises(ValidationError, match="region_scale"):
+        cfg(dataset, views={"kind": "pair", "region_scale": 2.5})
+    with pytest.raises(ValidationError, match="seed"):
+        cfg(dataset, seed=-1)
+    with pytest.raises(ValueError, match="not an intensity transform"):
+        CropDataset(Catalog.load(dataset), cfg(dataset, views={"kind": "pair"}, augment=[{"name": "Rand3DElasticd", "args": {"sigma_range": (1, 2), "magnitude_range": (1, 2)}}]))
+
+
+def test_foreground_sampling_offsets_small_volumes():
+    grid = np.full((2, 6, 6), 255, np.uint8)  # 30 slices: shorter than the crop
+    s = ForegroundSampler(grid, 16, (30, 96, 96), (96, 32, 32), min_fraction=0.5)
+    rng = np.random.default_rng(0)
+    z = [s.start(rng)[0] for _ in range(300)]
+    assert min(z) <= -60 and max(z) == 0 and len(set(z)) > 40
+
+
+def test_pcrl_default_sizes_keep_min_iou():
+    from medssl_scale.data.crops import ArrayAccess, Cropper
+
+    vol = np.random.default_rng(0).integers(-1000, 1000, (160, 160, 160)).astype(np.int16)
+    cropper = Cropper(DataConfig(dataset="unused", views={"kind": "pcrl", "n_local": 0}, sampling="uniform",
+                                 augment=[{"name": "RandGaussianNoised", "args": {"prob": 1.0}}]))
+    access = ArrayAccess(vol, {"modality": "CT"})
+    for i in range(40):
+        out = cropper(access, 0, np.random.default_rng(i))
+        g = [(tuple(a), tuple(b)) for a, b in out["box_global"].tolist()]
+        assert iou(g[0], g[1]) > 0.3
+        assert out["local"].shape[0] == 0
+
+
+def test_state_refuses_changes_to_the_order(dataset, tmp_path):
+    loader = Loader(cfg(dataset))
+    batches(loader, 2)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="interleave"):
+        Loader(cfg(dataset, interleave=1)).load_state_dict(state)
+    Loader(cfg(dataset, cache_mb=16)).load_state_dict(state)  # the cache changes nothing that is seen
+    smaller = tmp_path / "smaller"
+    import shutil
+
+    shutil.copytree(dataset, smaller)
+    lines = (smaller / "manifest.jsonl").read_text().splitlines()
+    keep = [ln for ln in lines if '"mr' not in ln and "_mr" not in ln]
+    assert len(keep) < len(lines)
+    (smaller / "manifest.jsonl").write_text("\n".join(keep) + "\n")
+    with pytest.raises(ValueError, match="volumes"):
+        Loader(cfg(smaller)).load_state_dict(state)
+
+
+def test_a_shard_that_lies_about_its_samples_is_an_error(tmp_path):
+    from medssl_scale.store.shards import END_OF_ARCHIVE
+
+    data = training_dataset(tmp_path, n_patients=1, n_mr=0)
+    shard = next((data / "shards").glob("*.tar"))
+    shard.write_bytes(END_OF_ARCHIVE)  # index.json still counts one sample
+    with pytest.raises(Exception, match="hold no samples"):
+        batches(Loader(cfg(data, source="shards")))

@@ -48,8 +48,10 @@ class ForegroundSampler:
         cell = self.candidates[rng.integers(len(self.candidates))]
         out = []
         for c, n, s in zip(cell, self.shape, self.size):
-            lo, hi = min(0, n - s), max(0, n - s)
-            out.append(int(np.clip(c * self.block + rng.integers(-(self.block // 2), self.block // 2 + 1), lo, hi)))
+            if n <= s:  # the whole axis fits in the crop: a random offset, as uniform sampling does
+                out.append(int(rng.integers(n - s, 1)))
+                continue
+            out.append(int(np.clip(c * self.block + rng.integers(-(self.block // 2), self.block // 2 + 1), 0, n - s)))
         return tuple(out)  # type: ignore[return-value]
 
 

@@ -13,7 +13,12 @@ Slot reuse is safe without any signal back from the main process: worker w
 writes its j-th batch into slot ``w * per_worker + j % per_worker``, and
 DataLoader asks a worker for a batch only after the main process took that
 worker's batch ``j - prefetch``; ``per_worker = prefetch + 2`` keeps the slot
-of a batch being copied out untouched.
+of a batch being copied out untouched. That holds while every worker stays
+busy to the end of the epoch (a worker that stops early hands its share of
+requests to the others), which is why the shard stream never starts more
+workers than it has shards for. Epochs alternate between two halves of the
+ring, since a new epoch's workers count from 0 again while the consumer may
+still hold the last batch of the previous one.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ class Ring:
     def __init__(self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], batch_size: int, workers: int, prefetch: int):
         self.spec, self.batch_size = spec, batch_size
         self.per_worker = prefetch + 2
-        slots = max(1, workers) * self.per_worker
+        self.half = max(1, workers) * self.per_worker
+        slots = 2 * self.half
         self.tensors = {k: torch.empty((slots, batch_size, *shape), dtype=dtype).share_memory_() for k, (shape, dtype) in spec.items()}
 
     @property
@@ -62,8 +68,9 @@ class Ring:
 class Collate:
     """``collate_fn``: default_collate, except that the ring's keys are stacked into a ring slot in workers."""
 
-    def __init__(self, ring: Ring | None = None):
+    def __init__(self, ring: Ring | None = None, epoch: int = 0):
         self.ring = ring
+        self.base = (epoch % 2) * ring.half if ring is not None else 0
         self.count = 0  # batches this worker process has made (each worker holds its own copy)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -77,7 +84,7 @@ class Collate:
             ring, keys = None, set()  # a sample unlike the spec (a shape-changing augmentation): the ordinary path
         if ring is not None:
             assert info is not None
-            slot = info.id * ring.per_worker + self.count % ring.per_worker
+            slot = self.base + info.id * ring.per_worker + self.count % ring.per_worker
             self.count += 1
             for k in keys:
                 torch.stack([s[k] for s in samples], out=ring.tensors[k][slot, : len(samples)])

@@ -47,7 +47,7 @@ class Augment(_Strict):
 class Views(_Strict):
     kind: Literal["none", "pair", "pcrl"] = "none"
     # pair: two crops inside one region of (1 + overlap_slack) x crop, so they always overlap.
-    region_scale: float = 4.0 / 3.0
+    region_scale: float = Field(4.0 / 3.0, ge=1.0, lt=2.0)  # below 2, two crops in the region always overlap
     flip: bool = True  # random flips per view and axis (recorded, so overlaps stay matchable)
     # pcrl (PCRLv2 sub-crops; REFERENCES.md): sizes (D, H, W) before resizing.
     global_sizes: list[Size3] = Field(default_factory=lambda: [(64, 96, 96), (96, 96, 96), (64, 112, 112), (32, 64, 64)])
@@ -70,7 +70,7 @@ class DataConfig(_Strict):
     crop: Size3 = (96, 96, 96)
     batch_size: int = Field(2, ge=1)
     workers: int = Field(2, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     modalities: list[Literal["CT", "MR"]] | None = None  # only these
     modality_weights: dict[Literal["CT", "MR"], float] | None = None  # share of crops per modality; None: uniform over volumes
     sampling: Literal["uniform", "foreground"] = "foreground"
@@ -102,6 +102,10 @@ class DataConfig(_Strict):
             raise ValueError("pairs: true needs an even batch_size (a batch holds whole CT/MR pairs)")
         if self.pairs and self.modality_weights:
             raise ValueError("pairs: true draws patients, not modalities: drop modality_weights")
-        if self.pairs and self.source != "zarr":
-            raise ValueError("pairs: true needs source: zarr (pairs are drawn by patient across the store)")
+        if self.source == "shards" and (self.pairs or self.modalities or self.modality_weights):
+            raise ValueError(
+                "source: shards streams every volume of every shard: pairs, modalities and modality_weights need source: zarr"
+            )
+        if self.labels and self.views.kind == "pcrl":
+            raise ValueError("labels: true is not available with views.kind: pcrl (sub-crops are resized)")
         return self

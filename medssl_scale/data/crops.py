@@ -205,6 +205,8 @@ class Cropper:
             # once per call and apply the same to every key.
             for key in self.image_keys:
                 parts = [d[key]] if key != "local" else list(d[key][:, None])
+                if not parts:
+                    continue
                 done = []
                 for part in parts:
                     item = {"image": part, **({"label": d["label"]} if key == "image" and "label" in d else {})}
@@ -256,7 +258,10 @@ class Cropper:
     def _pcrl(self, access: _Access, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
         vc = self.cfg.views
         shape = access.shape(v)
-        sizes = [tuple(vc.global_sizes[rng.integers(len(vc.global_sizes))]) for _ in range(2)]
+        first = tuple(vc.global_sizes[rng.integers(len(vc.global_sizes))])
+        # Only sizes that can overlap the first by min_iou at all (concentric is the best case).
+        fits = [tuple(g) for g in vc.global_sizes if iou(((0, 0, 0), first), (tuple((a - b) // 2 for a, b in zip(first, g)), tuple(g))) > vc.min_iou]
+        sizes = [first, fits[rng.integers(len(fits))] if fits else first]
         b1: Box = (access.start(v, sizes[0], rng, self.min_fg), sizes[0])
         b2: Box | None = None
         for _ in range(100):  # a second global crop overlapping the first by IoU > min_iou

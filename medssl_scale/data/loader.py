@@ -9,6 +9,7 @@ ones the workers had prefetched.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -76,7 +77,7 @@ class Loader:
             if self.ring is None:  # allocated once, before the first workers fork
                 cropper = self.dataset.cropper
                 self.ring = Ring(cropper.spec(), self.cfg.batch_size, self.cfg.workers, self.cfg.prefetch)
-            kw.update(prefetch_factor=self.cfg.prefetch, collate_fn=Collate(self.ring))
+            kw.update(prefetch_factor=self.cfg.prefetch, collate_fn=Collate(self.ring, self.epoch))
         else:
             kw.update(collate_fn=Collate(None), pin_memory=self.pin)
         if self.cfg.source == "zarr":
@@ -88,10 +89,14 @@ class Loader:
         used = stream.workers_used(self.cfg.workers)
         stream.skip = consumed_per_worker(self.position, batches_per_worker(stream.batches, used))
         stream.offset = self.position % used
+        if self.cfg.workers:
+            kw["num_workers"] = used  # a worker without shards would stop early and unbalance the ring
         return DataLoader(stream, batch_size=self.cfg.batch_size, **kw)
 
     def epoch_batches(self) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch."""
+        if self.position >= len(self):  # a state saved right after an epoch's last batch
+            self.epoch, self.position = self.epoch + 1, 0
         for batch in self._dataloader():
             if RING_KEY in batch:
                 assert self.ring is not None
@@ -117,18 +122,25 @@ class Loader:
         }
 
     def _order(self) -> dict[str, Any]:
-        c = self.cfg
-        return {
-            "source": c.source, "seed": c.seed, "world": self.world, "rank": self.rank, "batch_size": c.batch_size,
-            "workers": c.workers, "crops_per_visit": c.crops_per_visit, "samples_per_epoch": c.samples_per_epoch,
-            "batches_per_epoch": len(self),
-        }
+        """What the sample order and content depend on; a resume must match it."""
+        c = self.cfg.model_dump(mode="json", exclude={"dataset", "shard_url", "cache_mb", "prefetch"})
+        if self.cfg.source == "zarr":
+            pool = [v.volume_id for v in self.catalog.volumes]
+        else:
+            stream = self.dataset
+            assert isinstance(stream, ShardStream)
+            pool = [f"{u.rsplit('/', 1)[-1]}:{n}" for u, n in zip(stream.urls, stream.counts)]
+        return {**c, "world": self.world, "rank": self.rank, "batches_per_epoch": len(self),
+                "pool": hashlib.sha256("\n".join(pool).encode()).hexdigest()[:16]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        diff = {k: (v, state["order"].get(k)) for k, v in self._order().items() if state["order"].get(k) != v}
+        saved = state["order"]
+        diff = {k: (saved.get(k), v) for k, v in self._order().items() if saved.get(k) != v}
         if diff:
-            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (new, old) in diff.items())
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
+            if "pool" in diff:
+                what = what.replace("pool", "the dataset's volumes (or shards)", 1)
             raise ValueError(f"cannot resume the data order exactly: {what} changed since the checkpoint")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -17,6 +17,7 @@ so a resumed run replays the same stream and skips what it had consumed.
 
 from __future__ import annotations
 
+import gzip
 import io
 import itertools
 import json
@@ -109,10 +110,16 @@ class ShardStream(IterableDataset):
         need = n_batches * b
         skip = (self.skip[w] if w < len(self.skip) else 0) * b
         seed = [self.cfg.seed, self.epoch, self.rank, w, _STREAM]
+        volumes = math.ceil(need / self.cfg.crops_per_visit)
+        held = sum(self.counts[i] for i in shards)
+        # A bin holding more volumes than its quota starts at a seeded volume, so the ones it
+        # leaves out change from epoch to epoch (skipped volumes are read, not decoded).
+        start = int(np.random.default_rng(seed).integers(held)) if held > volumes else 0
         pipeline = wds.DataPipeline(
             _cycle([{"url": self.urls[i]} for i in shards]),
             _tar_samples,
-            _take(math.ceil(need / self.cfg.crops_per_visit)),
+            _drop(start),
+            _take(volumes),
             _crops(self.cropper, self.cfg.crops_per_visit, seed, self.patients),
             wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=int(np.random.default_rng(seed).integers(2**63))),
             _take(need),
@@ -131,8 +138,13 @@ def _tar_samples(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     in a row.
     """
 
+    found = True
     for source in url_opener(src):
         url, sample = source["url"], None
+        if source.get("__pass_start__"):
+            if not found:  # a whole pass over the bin's shards without a sample: never loop forever
+                raise ValueError(f"{url} and the other shards of this worker hold no samples, though shards/index.json counts some")
+            found = False
         try:
             with tarfile.open(fileobj=source["stream"], mode="r|", bufsize=_TAR_READ) as tar:
                 for info in tar:
@@ -147,6 +159,7 @@ def _tar_samples(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                     f = tar.extractfile(info)
                     assert f is not None
                     sample[suffix] = f.read()
+                    found = True
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ValueError(f"{url}: unreadable shard ({e})") from e
         finally:
@@ -156,8 +169,12 @@ def _tar_samples(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 def _cycle(items: list[dict[str, Any]]):
+    """The URLs over and over; marks each pass so a pass that yields nothing can be caught."""
+
     def stage() -> Iterator[dict[str, Any]]:
-        yield from itertools.cycle(items)
+        while True:
+            for i, item in enumerate(items):
+                yield {**item, "__pass_start__": i == 0}
 
     return stage
 
@@ -188,6 +205,13 @@ def _npy(data: bytes) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+def _member_array(sample: dict[str, Any], name: str) -> np.ndarray:
+    """``image``/``label`` of a shard sample as (z, y, x): the stored (x, y, z) Fortran array, transposed in place."""
+    if f"{name}.npy.gz" in sample:  # --shard-codec npy.gz
+        return _npy(gzip.decompress(sample[f"{name}.npy.gz"])).transpose(2, 1, 0)
+    return _npy(sample[f"{name}.npy"]).transpose(2, 1, 0)
+
+
 def _crops(cropper: Cropper, per_volume: int, seed: list[int], patients: dict[str, int]):
     """Whole-volume samples -> ``per_volume`` finished crops each, before the shuffle buffer.
 
@@ -197,9 +221,9 @@ def _crops(cropper: Cropper, per_volume: int, seed: list[int], patients: dict[st
     def stage(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for ordinal, sample in enumerate(src):
             try:
-                image = _npy(sample["image.npy"]).transpose(2, 1, 0)  # (x, y, z) Fortran -> (z, y, x) C: a view
+                image = _member_array(sample, "image")
                 meta = json.loads(sample["meta.json"])
-                label = _npy(sample["label.npy"]).transpose(2, 1, 0) if "label.npy" in sample else None
+                label = _member_array(sample, "label") if "label.npy" in sample or "label.npy.gz" in sample else None
             except (KeyError, ValueError) as e:
                 raise ValueError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')} is unreadable: {e}") from e
             access = ArrayAccess(image, meta, label)

@@ -69,10 +69,10 @@ def build_augment(augments: list[Augment], keys: list[str], geometric_ok: bool =
         cls = getattr(mt, a.name, None)
         if not (isinstance(cls, type) and issubclass(cls, MapTransform)):
             raise ValueError(f"augment {a.name!r} is not a MONAI dictionary transform (monai.transforms.*d)")
-        if not geometric_ok and issubclass(cls, InvertibleTransform):
+        if not geometric_ok and (issubclass(cls, InvertibleTransform) or not cls.__module__.startswith("monai.transforms.intensity")):
             raise ValueError(
-                f"augment {a.name!r} moves voxels, which would break the views' overlap boxes: "
-                "use intensity transforms with views (views.flip draws recorded flips)"
+                f"augment {a.name!r} is not an intensity transform: moving voxels would break the views' overlap boxes; "
+                "views take monai.transforms intensity transforms (views.flip draws recorded flips)"
             )
         args = dict(a.args)
         args.setdefault("keys", keys)
