@@ -1,10 +1,23 @@
-"""Training data: random crops from the Zarr store, streams from the shards, views, and a resumable loader."""
+"""Training data: random crops from the Zarr store, streams from the shards, views, and a resumable loader.
 
-from medssl_scale.data.catalog import Catalog, VolumeInfo
-from medssl_scale.data.config import DataConfig
-from medssl_scale.data.crops import CropDataset
-from medssl_scale.data.loader import Loader
-from medssl_scale.data.plan import EpochPlan, PlanSampler, Sample
-from medssl_scale.data.stream import ShardStream
+Names are imported on first use: the ``medssl`` command line imports this
+package for its ``preview`` subcommand and should not pay for torch and
+MONAI when it runs ``ingest``.
+"""
 
-__all__ = ["Catalog", "CropDataset", "DataConfig", "EpochPlan", "Loader", "PlanSampler", "Sample", "ShardStream", "VolumeInfo"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "Catalog": "catalog", "VolumeInfo": "catalog", "DataConfig": "config", "CropDataset": "crops",
+    "Loader": "loader", "EpochPlan": "plan", "PlanSampler": "plan", "Sample": "plan", "ShardStream": "stream",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
-
-from medssl_scale.viz import PALETTE
+if TYPE_CHECKING:  # the command line imports this module for its parser: keep torch out of that
+    import torch
+    from PIL import Image
 
 TILE = 128
 _IMAGE_KEYS = ("image", "view1", "view2", "global1", "global2", "local")
@@ -26,6 +24,11 @@ _IMAGE_KEYS = ("image", "view1", "view2", "global1", "global2", "local")
 
 def _tile(volume: torch.Tensor, label: torch.Tensor | None, box: list[list[int]] | None) -> Image.Image:
     """Axial mid-slice of a (D, H, W) tensor, anterior up, scaled to its own 1-99th percentiles."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from medssl_scale.viz import PALETTE
+
     d = volume.shape[0] // 2
     plane = volume[d].float().numpy()[::-1]
     lo, hi = np.percentile(plane, [1, 99])
@@ -45,6 +48,8 @@ def _tile(volume: torch.Tensor, label: torch.Tensor | None, box: list[list[int]]
 
 
 def contact_sheet(batches: list[dict[str, Any]], rows: int = 8) -> Image.Image:
+    from PIL import Image, ImageDraw, ImageFont
+
     font = ImageFont.load_default()
     lines: list[tuple[str, list[Image.Image]]] = []
     for batch in batches:
