@@ -27,14 +27,23 @@ def body_threshold(modality: str, stats: dict[str, float] | None) -> float:
     return lo + MR_BODY_FRACTION * (hi - lo)
 
 
-def foreground_grid(array: np.ndarray, threshold: float, block: int = BLOCK) -> np.ndarray:
-    """Fraction of voxels above ``threshold`` per ``block``^3 block, as uint8 (255 = all), same axis order."""
-    grid_shape = tuple(-(-n // block) for n in array.shape)
-    padded = np.zeros(tuple(g * block for g in grid_shape), dtype=bool)
-    padded[tuple(slice(0, n) for n in array.shape)] = array > threshold
-    body = padded.reshape(grid_shape[0], block, grid_shape[1], block, grid_shape[2], block).sum(axis=(1, 3, 5), dtype=np.uint32)
+def foreground_grid(array: np.ndarray, threshold: float, block: int = BLOCK, stride: int = 2) -> np.ndarray:
+    """Fraction of voxels above ``threshold`` per ``block``^3 block, as uint8 (255 = all), same axis order.
+
+    Estimated from every ``stride``-th voxel along each axis ((block/stride)^3 =
+    512 samples per block by default): ingest computes it for every volume,
+    and the full-resolution count cost more than the rest of the write.
+    """
+    if block % stride:
+        raise ValueError(f"block {block} must be a multiple of stride {stride}")
+    sub = array[::stride, ::stride, ::stride] > threshold
+    b = block // stride
+    grid_shape = tuple(-(-n // b) for n in sub.shape)
+    padded = np.zeros(tuple(g * b for g in grid_shape), dtype=np.uint8)
+    padded[tuple(slice(0, n) for n in sub.shape)] = sub
+    body = padded.reshape(grid_shape[0], b, grid_shape[1], b, grid_shape[2], b).sum(axis=(1, 3, 5), dtype=np.uint32)
     # Edge blocks are scored on the voxels they hold, not on the padding.
-    per_axis = [np.minimum(block, n - block * np.arange(g)) for n, g in zip(array.shape, grid_shape)]
+    per_axis = [np.minimum(b, n - b * np.arange(g)) for n, g in zip(sub.shape, grid_shape)]
     voxels = per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]
     return np.round(255.0 * body / voxels).astype(np.uint8)
 

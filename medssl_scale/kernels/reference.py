@@ -1,0 +1,72 @@
+"""PyTorch references of the masking and disruption ops: they define the semantics.
+
+Random numbers come from a seed (one ``torch.Generator`` per call), never
+from the global RNG, so the same seed gives the same mask on any rank and a
+fused kernel can regenerate a mask in backward instead of storing it.
+Gradients flow through plain tensor ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    g.manual_seed(int(seed) % (2**63))
+    return g
+
+
+def masked_count(channels: int, ratio: float) -> int:
+    """Channels masked per token: ``round(ratio * C)``, at least 1 and at most C when ratio > 0."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
+    return 0 if ratio == 0 else min(channels, max(1, round(ratio * channels)))
+
+
+def channel_keep(x: torch.Tensor, ratio: float, seed: int, per_token: bool) -> torch.Tensor:
+    """The keep mask of :func:`channel_mask` (1 keep, 0 masked), broadcastable to ``x`` [B, C, *spatial]."""
+    b, c = x.shape[:2]
+    k = masked_count(c, ratio)
+    g = _generator(x.device, seed)
+    if not per_token:
+        # The released recipe: one channel subset per step, the same for every token and sample.
+        masked = torch.randperm(c, generator=g, device=g.device)[:k].to(x.device)
+        keep = torch.ones(c, dtype=x.dtype, device=x.device)
+        keep[masked] = 0
+        return keep.view(1, c, *([1] * (x.ndim - 2)))
+    spatial = x.shape[2:]
+    scores = torch.rand((b, *spatial, c), generator=g, device=g.device).to(x.device)
+    # The k lowest scores of each token are its masked channels: exactly k per token.
+    ranks = scores.argsort(dim=-1).argsort(dim=-1)
+    keep = (ranks >= k).to(x.dtype)
+    return keep.movedim(-1, 1)
+
+
+def channel_mask(x: torch.Tensor, ratio: float, seed: int, per_token: bool = False, values: torch.Tensor | None = None) -> torch.Tensor:
+    """Disruptive Autoencoders' local masking of patch embeddings ``x`` [B, C, *spatial].
+
+    A ``ratio`` of the channels is replaced by zero (``values`` None, the
+    released recipe) or by a learned per-channel value ``values`` [C]; one
+    subset per call, or with ``per_token`` a subset of its own per token.
+    """
+    keep = channel_keep(x, ratio, seed, per_token)
+    out = x * keep
+    if values is not None:
+        out = out + (1 - keep) * values.view(1, -1, *([1] * (x.ndim - 2))).to(x.dtype)
+    return out
+
+
+def gaussian_noise(x: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    g = _generator(x.device, seed)
+    return x + std * torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device)
+
+
+def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour down by ``factor`` and back up to the input size (DAE's low-resolution disruption)."""
+    if factor <= 1:
+        return x
+    size = x.shape[2:]
+    small = F.interpolate(x, size=[max(1, s // factor) for s in size], mode="nearest")
+    return F.interpolate(small, size=list(size), mode="nearest")
