@@ -1,4 +1,4 @@
-"""Networks by name: a registry, as timm and torchtitan keep one.
+"""Networks by name.
 
 ``build_model("swin_unetr", **config)`` returns the module; the config is plain
 JSON-able data, which is what the registry stores next to the weights so
@@ -7,35 +7,22 @@ that an encoder can be rebuilt without unpickling anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+from medssl_scale.named import Registry
 
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = fn
-        return fn
-
-    return deco
+MODELS: Registry[nn.Module] = Registry("model")
+register_model = MODELS.register
+model_names = MODELS.names
 
 
 def build_model(name: str, **config: Any) -> nn.Module:
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
     try:
-        return _MODELS[name](**config)
-    except TypeError as e:
+        return MODELS.build(name, **config)
+    except TypeError as e:  # a misspelt or missing setting
         raise ValueError(f"model {name}: {e}") from None
-
-
-def model_names() -> list[str]:
-    return sorted(_MODELS)
 
 
 from medssl_scale.models import conv, swin  # noqa: E402,F401  (register their models)

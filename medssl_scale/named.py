@@ -1,0 +1,31 @@
+"""Registries by name, as timm and torchtitan keep them: ``@REG.register("name")``, ``REG.build("name", **config)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._makers: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def deco(fn: Callable[..., T]) -> Callable[..., T]:
+            if name in self._makers:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._makers[name] = fn
+            return fn
+
+        return deco
+
+    def build(self, name: str, **config: Any) -> T:
+        if name not in self._makers:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+        return self._makers[name](**config)
+
+    def names(self) -> list[str]:
+        return sorted(self._makers)
