@@ -10,6 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ingest import cli as ingest_cli
     from medssl_scale import demo, inspect
     from medssl_scale.data import preview
+    from medssl_scale.train import cli as train_cli
 
     parser = argparse.ArgumentParser(prog="medssl", description="Self-supervised pre-training on 3D CT and MRI, at scale.")
     parser.add_argument("--version", action="version", version=f"medssl-scale {__import__('medssl_scale').__version__}")
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parser(sub)
     demo.add_parser(sub)
     preview.add_parser(sub)
+    train_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,88 @@
+"""Checkpoints that are either complete or ignored.
+
+A checkpoint is a DeepSpeed checkpoint directory ``RUN/checkpoints/step-NNNNNNNN``
+(model, optimizer and scheduler, sharded as the ZeRO stage shards them; DeepSpeed's
+``zero_to_fp32.py`` is written beside it), one ``rank-R.pt`` per rank with
+that rank's loader position and RNG states, and a ``COMPLETE`` marker that
+rank 0 writes only after every rank has finished writing. Resume takes the
+newest directory with a marker, so a checkpoint cut short by a kill is never
+picked; DeepSpeed's own ``latest`` file is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from medssl_scale.store.layout import atomic_write_text
+
+MARKER = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.exists():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and (p / MARKER).exists())
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    done = complete(ckpt_dir)
+    return done[-1] if done else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, rank_state: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint from every rank (a collective call); returns its directory."""
+    tag = tag_for(step)
+    path = ckpt_dir / tag
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save({**rank_state, "rng": rng_state()}, path / f"rank-{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        atomic_write_text(path / MARKER, json.dumps({"step": step, "time": time.time()}) + "\n")
+        for old in complete(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load(engine: Any, path: Path) -> dict[str, Any]:
+    """Restore the engine from ``path``; returns this rank's saved state (loader position, step)."""
+    engine.load_checkpoint(str(path.parent), tag=path.name)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    own = path / f"rank-{rank}.pt"
+    if not own.exists():
+        raise FileNotFoundError(f"{own}: the checkpoint has no state for rank {rank} (was it written by fewer ranks?)")
+    state = torch.load(own, weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return state

@@ -1,0 +1,58 @@
+"""``medssl pretrain`` (this process is the run, or one rank of it) and ``medssl launch local`` (N ranks via torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "launchers" / "rank.py"
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="run config (YAML), e.g. configs/dae/tiny.yaml")
+    p.add_argument("--resume", default="auto", help="auto (the latest complete checkpoint of the run, if any), never, or a checkpoint directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=200 data.batch_size=4")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pre-train from a run config (one process, or one rank under a launcher)")
+    _pretrain_args(p)
+    p.set_defaults(func=lambda a: _pretrain(a))
+    launch = sub.add_parser("launch", help="run a config on several processes")
+    where = launch.add_subparsers(dest="where", required=True, metavar="WHERE")
+    local = where.add_parser("local", help="N ranks on this machine through torchrun")
+    local.add_argument("--nproc", type=int, default=2)
+    _pretrain_args(local)
+    local.set_defaults(func=_launch_local)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from medssl_scale.train.config import load_run_config
+    from medssl_scale.train.engine import train
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except ValueError as e:
+        print(f"medssl pretrain: {e}", file=sys.stderr)
+        return 2
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{result['status']} at step {result['step']} ({result['world_size']} rank(s)); run directory {result['run_dir']}")
+    return 0
+
+
+def pretrain_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launchers/rank.py")
+    _pretrain_args(p)
+    return _pretrain(p.parse_args(argv))
+
+
+def _launch_local(args: argparse.Namespace) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           str(LAUNCHER), "--config", str(args.config), "--resume", args.resume, *(["--no-progress"] if args.no_progress else []),
+           *args.overrides]
+    return subprocess.call(cmd)

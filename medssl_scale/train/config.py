@@ -1,0 +1,109 @@
+"""The run config: one YAML file describes a run end to end, validated on load.
+
+Sections: ``data`` (:class:`~medssl_scale.data.config.DataConfig`),
+``objectives`` (name -> weight, or name -> settings with a ``weight``),
+``optim``, ``deepspeed``, ``checkpoint``, ``tracking``. Unknown keys and
+wrong types are errors that name the key; ``key.sub=value`` overrides from
+the command line go through the same validation. The resolved config is
+saved with the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medssl_scale.config import apply_overrides, load_yaml
+from medssl_scale.data.config import DataConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimConfig(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-4, gt=0)  # peak, after warm-up (DAE: 1e-4)
+    min_lr: float = Field(1e-5, ge=0)  # the end of the cosine
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0)  # sgd
+    warmup_steps: int = Field(0, ge=0)
+    clip_grad: float = Field(1.0, ge=0)  # 0: no clipping
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum: int = Field(1, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict)  # merged into the DeepSpeed config as is
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(100, ge=1)  # steps
+    keep: int = Field(3, ge=1)  # newest complete checkpoints kept
+
+
+class TrackingConfig(_Strict):
+    experiment: str = "medssl"
+    run_name: str | None = None
+    log_every: int = Field(1, ge=1)  # steps between metric records
+    plot_every: int = Field(100, ge=1)  # steps between loss-curve and reconstruction plots
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    workdir: str = "runs"  # the run directory is workdir/name
+    seed: int = Field(0, ge=0)
+    steps: int = Field(1000, ge=1)  # optimizer steps
+    kernels: Literal["auto", "reference", "triton"] = "auto"
+    data: DataConfig
+    objectives: dict[str, float | dict[str, Any]]
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("objectives")
+    @classmethod
+    def _one_or_more(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("name at least one objective, e.g. objectives: {dae: 1.0}")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workdir) / self.name
+
+    def objective_settings(self) -> list[tuple[str, float, dict[str, Any]]]:
+        """(name, weight, settings) per objective, in config order."""
+        out = []
+        for name, spec in self.objectives.items():
+            if isinstance(spec, dict):
+                settings = dict(spec)
+                weight = float(settings.pop("weight", 1.0))
+            else:
+                weight, settings = float(spec), {}
+            out.append((name, weight, settings))
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A validated RunConfig from a YAML file and ``key=value`` overrides; errors name the key and the file."""
+    raw = load_yaml(path) if path else {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        where = f"{path}" if path else "the config"
+        lines = [f"{where}: {len(e.errors())} problem(s)"]
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ValueError("\n".join(lines)) from None

@@ -1,0 +1,204 @@
+"""The training loop: one process of a DeepSpeed ZeRO data-parallel run.
+
+The same function runs a laptop run (one process, no launcher) and every
+rank of a multi-process or multi-node run (torchrun, the deepspeed launcher,
+Kubernetes pods: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+Without a GPU it uses gloo and DeepSpeed's CPU accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medssl_scale.train.config import RunConfig
+
+
+def _single_process_env() -> None:
+    """A run started without a launcher is rank 0 of 1, on a free local port."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    # DeepSpeed reads this when it is first imported: CPU runs must say so before.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return torch.device("cpu")
+
+
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "steps_per_print": 1 << 30,  # our own logging
+        "zero_allow_untested_optimizer": True,  # a torch optimizer: DeepSpeed's fused Adam compiles for a minute on CPU
+    }
+    return {**out, **ds.extra}
+
+
+def _optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Stop:
+    """SIGTERM (what Kubernetes sends before killing a pod) asks for a checkpoint at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) ``cfg``; returns a summary. ``resume``: auto (the latest complete checkpoint, if any), never, or a path."""
+    _single_process_env()
+    device = _device()
+    import deepspeed  # after DS_ACCELERATOR is set
+    import torch.distributed as dist
+
+    from medssl_scale.data.loader import Loader
+    from medssl_scale.objectives import build_objective
+    from medssl_scale.train import checkpoint
+    from medssl_scale.train.schedule import warmup_cosine
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir = cfg.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    specs = cfg.objective_settings()
+    if len(specs) != 1:
+        raise ValueError("one objective per run for now: composing objectives (e.g. lrc on top of another) comes with LRC")
+    name, weight, settings = specs[0]
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    objective = build_objective(name, **{"kernels": cfg.kernels, "seed": cfg.seed, **settings})
+    optimizer = _optimizer(cfg, objective.parameters())
+    scheduler = warmup_cosine(optimizer, cfg.steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+    loader = Loader(cfg.data, rank, world, copy=False)
+
+    step = 0
+    source = checkpoint.latest(ckpt_dir) if resume == "auto" else (None if resume == "never" else Path(resume))
+    if source is not None:
+        state = checkpoint.load(engine, source)
+        loader.load_state_dict(state["loader"])
+        step = int(state["step"])
+
+    stop = _Stop()
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    bar = _progress(progress and rank == 0, cfg.steps, step)
+    batches = iter(loader)
+    samples_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
+    status = "finished"
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            waited = 0.0
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it in engine.step)
+            sums: dict[str, torch.Tensor] = {}
+            for _ in range(cfg.deepspeed.grad_accum):
+                t = time.perf_counter()
+                batch = _to(next(batches), device)
+                waited += time.perf_counter() - t
+                losses = engine(batch, step=step, rank=rank)
+                engine.backward(weight * losses["loss"])
+                engine.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.deepspeed.grad_accum
+            step += 1
+            # Every rank's losses, averaged: the curve does not depend on which rank logs it.
+            names = sorted(sums)
+            packed = torch.stack([sums[k] for k in names])
+            dist.all_reduce(packed)
+            seconds = time.perf_counter() - t0
+            record = {"step": step, **{k: float(v) / world for k, v in zip(names, packed)},
+                      "lr": lr, "samples_per_s": samples_per_step / seconds,
+                      "data_wait": waited / seconds, "peak_memory_mb": _peak_memory_mb(device)}
+            if metrics_file and (step % cfg.tracking.log_every == 0 or step == cfg.steps):
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            bar(step, record)
+            stopping = _any(stop.requested, device)
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps or stopping:
+                checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict()}, cfg.checkpoint.keep)
+            if stopping:
+                status = "stopped by SIGTERM after a checkpoint"
+                break
+    finally:
+        stop.restore()
+        if metrics_file:
+            metrics_file.close()
+    return {"status": status, "step": step, "run_dir": str(run_dir), "world_size": world}
+
+
+def _any(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank got the signal: they must all stop at the same step."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _progress(enabled: bool, total: int, start: int):
+    if not enabled:
+        return lambda step, record: None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    p = Progress(TextColumn("pre-train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    task = p.add_task("train", total=total, completed=start, info="")
+    p.start()
+
+    def update(step: int, record: dict[str, Any]) -> None:
+        p.update(task, completed=step, info=f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} samples/s  data wait {record['data_wait']:.0%}")
+        if step >= total:
+            p.stop()
+
+    return update
