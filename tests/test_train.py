@@ -121,3 +121,70 @@ def test_two_ranks_zero_stage(dataset, tmp_path, stage):
 
     want = build_objective("dae", model={"name": "conv_ae", "channels": (8, 16, 32)}, projection_dim=16).state_dict()
     assert set(state) == set(want) and all(state[k].shape == want[k].shape and state[k].dtype == torch.float32 for k in want)
+
+
+def _mlflow_run(uri: str, experiment: str = "medssl-tiny"):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    return client, run
+
+
+def _check_tracked(client, run, steps: int) -> None:
+    assert run.info.status == "FINISHED"
+    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["objectives.dae.model.name"] == "conv_ae"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, steps + 1))
+    for name in ("lr", "samples_per_s", "data_wait", "peak_memory_mb", "recon_l1"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "plots", "checkpoint"} <= top
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/loss.png" in plots and any("reconstruction" in p for p in plots)
+    ckpt = {a.path for a in client.list_artifacts(run.info.run_id, f"checkpoint/step-{steps:08d}")}
+    assert f"checkpoint/step-{steps:08d}/COMPLETE" in ckpt
+
+
+def test_local_tracking_needs_no_server(dataset, tmp_path):
+    run("pretrain", "--config", str(TINY), "--no-progress", f"data.dataset={dataset}", "steps=4", "tracking.plot_every=2", cwd=tmp_path)
+    assert (tmp_path / "runs" / "mlruns.db").exists()
+    client, r = _mlflow_run(f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}")
+    _check_tracked(client, r, 4)
+    assert (tmp_path / "runs" / "mlartifacts").is_dir()
+
+
+def test_tracking_server(dataset, tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", (tmp_path / "server-artifacts").as_uri()],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError("mlflow server did not come up") from None
+                time.sleep(0.2)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-m", "medssl_scale.cli", "pretrain", "--config", str(TINY), "--no-progress",
+                            f"data.dataset={dataset}", "steps=3", "tracking.plot_every=3"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert not (tmp_path / "runs" / "mlruns.db").exists()  # everything went to the server
+        client, r = _mlflow_run(uri)
+        _check_tracked(client, r, 3)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -98,6 +98,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     from medssl_scale.objectives import build_objective
     from medssl_scale.train import checkpoint
     from medssl_scale.train.schedule import warmup_cosine
+    from medssl_scale.train.tracking import Tracker
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -125,12 +126,14 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
         loader.load_state_dict(state["loader"])
         step = int(state["step"])
 
+    tracker = Tracker(cfg, enabled=rank == 0)
     stop = _Stop()
     metrics_file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = _progress(progress and rank == 0, cfg.steps, step)
     batches = iter(loader)
     samples_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
     status = "finished"
+    last: Path | None = None
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -155,21 +158,32 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
             record = {"step": step, **{k: float(v) / world for k, v in zip(names, packed)},
                       "lr": lr, "samples_per_s": samples_per_step / seconds,
                       "data_wait": waited / seconds, "peak_memory_mb": _peak_memory_mb(device)}
-            if metrics_file and (step % cfg.tracking.log_every == 0 or step == cfg.steps):
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+            if step % cfg.tracking.log_every == 0 or step == cfg.steps:
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                tracker.metrics(step, record)
+            if step % cfg.tracking.plot_every == 0 or step == cfg.steps:
+                # Every rank runs it: under ZeRO-3 a forward gathers parameters collectively.
+                visuals = objective.visuals(batch, step) if hasattr(objective, "visuals") else None
+                tracker.plots(step, visuals)
             bar(step, record)
             stopping = _any(stop.requested, device)
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or stopping:
-                checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict()}, cfg.checkpoint.keep)
+                last = checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict()}, cfg.checkpoint.keep)
             if stopping:
                 status = "stopped by SIGTERM after a checkpoint"
                 break
+        tracker.finish(status, last if step == cfg.steps else None)
+    except BaseException:
+        tracker.finish("failed", None)
+        raise
     finally:
         stop.restore()
         if metrics_file:
             metrics_file.close()
-    return {"status": status, "step": step, "run_dir": str(run_dir), "world_size": world}
+    return {"status": status, "step": step, "run_dir": str(run_dir), "world_size": world,
+            "mlflow_run_id": getattr(tracker, "run_id", None)}
 
 
 def _any(flag: bool, device: torch.device) -> bool:

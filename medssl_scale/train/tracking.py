@@ -1,0 +1,125 @@
+"""MLflow tracking, rank 0 only: params, per-step metrics, the config, plots, the final checkpoint.
+
+Without ``MLFLOW_TRACKING_URI`` the store is SQLite at ``WORKDIR/mlruns.db``
+with artifacts in ``WORKDIR/mlartifacts``: nothing needs a server. With it
+set, the tracking server it names. A resumed run continues the same MLflow
+run (its id is kept in the run directory), so one run has one curve.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from medssl_scale.train.config import RunConfig
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def tracking_uri(workdir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlruns.db').absolute()}"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]  # MLflow's limit on a param value
+    return out
+
+
+class Tracker:
+    """Does nothing on ranks other than 0."""
+
+    def __init__(self, cfg: RunConfig, enabled: bool):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.history: list[dict[str, Any]] = []
+        self._pending: list[tuple[int, dict[str, float]]] = []
+        if not enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        workdir = Path(cfg.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        local = "MLFLOW_TRACKING_URI" not in os.environ  # before set_tracking_uri, which sets it
+        mlflow.set_tracking_uri(tracking_uri(workdir))
+        exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            location = (workdir / "mlartifacts").absolute().as_uri() if local else None
+            exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        id_file = cfg.run_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        self.run = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.tracking.run_name or cfg.name)
+        id_file.write_text(self.run.info.run_id + "\n")
+        self.run_id = self.run.info.run_id
+        if run_id is None:
+            mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
+            mlflow.log_artifact(str(cfg.run_dir / "config.yaml"))
+
+    def metrics(self, step: int, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if not self.enabled:
+            return
+        self._pending.append((step, {k: float(v) for k, v in record.items() if k != "step"}))
+        if len(self._pending) >= 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled or not self._pending:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for step, rec in self._pending for k, v in rec.items()]
+        self.mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=metrics)
+        self._pending = []
+
+    def plots(self, step: int, visuals: dict[str, Any] | None) -> None:
+        """Loss curves so far and a few mid-slices of input, disrupted input and reconstruction, as PNG artifacts."""
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        losses = sorted({k for r in self.history for k in r if k == "loss" or k.startswith(("recon", "cmcl"))})
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k in losses:
+            pts = [(r["step"], r[k]) for r in self.history if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(f"{self.cfg.name}: loss terms (this session's steps)")
+        fig.tight_layout()
+        self.mlflow.log_figure(fig, "plots/loss.png")
+        plt.close(fig)
+        if visuals:
+            fig, axes = plt.subplots(1, len(visuals), figsize=(3 * len(visuals), 3))
+            for ax, (name, vol) in zip(axes, visuals.items()):
+                ax.imshow(vol[vol.shape[0] // 2].numpy()[::-1], cmap="gray")
+                ax.set_title(name)
+                ax.axis("off")
+            fig.suptitle(f"step {step}")
+            fig.tight_layout()
+            self.mlflow.log_figure(fig, f"plots/reconstruction-step{step:08d}.png")
+            plt.close(fig)
+
+    def finish(self, status: str, checkpoint: Path | None) -> None:
+        if not self.enabled:
+            return
+        self.flush()
+        if checkpoint is not None:
+            self.mlflow.log_artifacts(str(checkpoint), artifact_path=f"checkpoint/{checkpoint.name}")
+        self.mlflow.set_tag("medssl.status", status)
+        self.mlflow.end_run("FINISHED" if status == "finished" else "KILLED")
