@@ -108,6 +108,9 @@ def _broken(d: Path) -> None:
     (d / "empty.nii.gz").write_bytes(gzip.compress(b""))
 
 
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dae" / "tiny.yaml"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on a generated sample collection")
     p.add_argument("--workdir", type=Path, default=Path("demo-work"), help="where the collection, dataset and outputs go")
@@ -149,7 +152,25 @@ def main(args: argparse.Namespace) -> int:
 
     console.rule("[b]3. inspect")
     code = inspect(dataset, thumbnails=work / "thumbnails")
+    if code != 0:
+        return code
+
+    console.rule("[b]4. training crops")
+    from medssl_scale.data import preview
+
+    preview.main(argparse.Namespace(config=None, dataset=str(dataset), rows=6, out=work / "crops.png",
+                                    overrides=["crop=32", "views.kind=pair", "labels=true"]))
+
+    console.rule("[b]5. pre-train (Disruptive Autoencoder, tiny, CPU)")
+    from medssl_scale.train.config import load_run_config
+    from medssl_scale.train.engine import train
+
+    run_cfg = load_run_config(TINY_CONFIG, [f"data.dataset={dataset}", f"workdir={work / 'runs'}"])
+    result = train(run_cfg, resume="auto")
+    console.print(f"{result['status']} at step {result['step']}: {result['run_dir']}")
+
     console.rule("[b]next")
     console.print(f"dataset: {dataset}  (manifest.jsonl, volumes.zarr, labels.zarr, shards/)")
-    console.print(f"thumbnails: {work / 'thumbnails'}")
-    return code
+    console.print(f"thumbnails: {work / 'thumbnails'};  training crops: {work / 'crops.png'}")
+    console.print(f"run: {result['run_dir']} (checkpoints, metrics.jsonl);  MLflow: mlflow ui --backend-store-uri sqlite:///{(work / 'runs' / 'mlruns.db').absolute()}")
+    return 0

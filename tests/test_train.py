@@ -188,3 +188,12 @@ def test_tracking_server(dataset, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path):
+    out = run("demo", "--workdir", str(tmp_path / "demo"), cwd=tmp_path, timeout=400)
+    work = tmp_path / "demo"
+    assert "finished at step 20" in out
+    assert (work / "crops.png").stat().st_size > 0 and any((work / "thumbnails").iterdir())
+    assert (work / "runs" / "dae-tiny" / "checkpoints" / "step-00000020" / "COMPLETE").exists()
+    assert len((work / "runs" / "dae-tiny" / "metrics.jsonl").read_text().splitlines()) == 20
