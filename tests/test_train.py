@@ -197,3 +197,22 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
     assert (work / "crops.png").stat().st_size > 0 and any((work / "thumbnails").iterdir())
     assert (work / "runs" / "dae-tiny" / "checkpoints" / "step-00000020" / "COMPLETE").exists()
     assert len((work / "runs" / "dae-tiny" / "metrics.jsonl").read_text().splitlines()) == 20
+
+
+def test_two_nodes_through_torchrun(dataset, tmp_path):
+    """Two torchrun launchers on 127.0.0.1 (--nnodes 2, one process each), as two pods would run them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}", "--nproc-per-node=1",
+                               "--master-addr=127.0.0.1", f"--master-port={port}", str(ROOT / "launchers" / "rank.py"),
+                               "--config", str(TINY), "--no-progress", f"data.dataset={dataset}", "steps=4", "checkpoint.every=2"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(outs)
+    assert "finished at step 4 (2 rank(s))" in outs[0]
+    ckpt = tmp_path / "runs" / "dae-tiny" / "checkpoints" / "step-00000004"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "rank-1.pt").exists()

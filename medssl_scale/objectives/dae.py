@@ -72,7 +72,9 @@ class DisruptiveAutoencoder(nn.Module):
         c = self.net.embed_channels
         self.mask_values = nn.Parameter(torch.zeros(c)) if self.cfg.mask_fill == "learned" else None
         b = self.net.bottleneck_channels
-        self.projector = nn.Sequential(nn.Linear(b, b), nn.ReLU(inplace=True), nn.Linear(b, self.cfg.projection_dim))
+        # No projector without the contrastive term: unused parameters would stall DDP's gradient reduction.
+        self.projector = (nn.Sequential(nn.Linear(b, b), nn.ReLU(inplace=True), nn.Linear(b, self.cfg.projection_dim))
+                          if self.cfg.cmcl_weight > 0 else None)
 
     def encoder(self) -> nn.Module:
         return self.net
@@ -105,7 +107,7 @@ class DisruptiveAutoencoder(nn.Module):
         return out
 
     def _cmcl(self, batch: dict[str, Any]) -> torch.Tensor:
-        assert self.net.bottleneck is not None
+        assert self.net.bottleneck is not None and self.projector is not None
         z = self.projector(self.net.bottleneck.float().mean(dim=(2, 3, 4)))
         t = self.cfg.cmcl_temperature
         terms = []
