@@ -216,3 +216,11 @@ def test_two_nodes_through_torchrun(dataset, tmp_path):
     assert "finished at step 4 (2 rank(s))" in outs[0]
     ckpt = tmp_path / "runs" / "dae-tiny" / "checkpoints" / "step-00000004"
     assert (ckpt / "COMPLETE").exists() and (ckpt / "rank-1.pt").exists()
+
+
+def test_bf16_run(dataset, tmp_path):
+    out = run("pretrain", "--config", str(TINY), "--no-progress", f"data.dataset={dataset}", "steps=3", "deepspeed.precision=bf16",
+              "tracking.plot_every=3", cwd=tmp_path)
+    assert "finished at step 3" in out
+    losses = curve(tmp_path / "runs" / "dae-tiny")
+    assert len(losses) == 3 and all(0 < v < 10 for v in losses.values())

@@ -108,7 +108,7 @@ class DisruptiveAutoencoder(nn.Module):
 
     def _cmcl(self, batch: dict[str, Any]) -> torch.Tensor:
         assert self.net.bottleneck is not None and self.projector is not None
-        z = self.projector(self.net.bottleneck.float().mean(dim=(2, 3, 4)))
+        z = self.projector(self.net.bottleneck.mean(dim=(2, 3, 4))).float()
         t = self.cfg.cmcl_temperature
         terms = []
         if self.cfg.cmcl_positives in ("modality", "both"):
@@ -123,4 +123,4 @@ class DisruptiveAutoencoder(nn.Module):
         x = batch["image"][:1]
         disrupted = self.disrupt(x, step, 0)
         recon = self.net(disrupted, embed_fn=self._mask_fn(step, 0))
-        return {"input": x[0, 0].cpu(), "disrupted": disrupted[0, 0].cpu(), "reconstruction": recon[0, 0].float().cpu()}
+        return {"input": x[0, 0].float().cpu(), "disrupted": disrupted[0, 0].float().cpu(), "reconstruction": recon[0, 0].float().cpu()}

@@ -63,8 +63,14 @@ def _optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """To the device; floating tensors to the parameters' dtype (bf16 runs hold bf16 weights)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+        out[k] = v
+    return out
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -118,6 +124,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     scheduler = warmup_cosine(optimizer, cfg.steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
     loader = Loader(cfg.data, rank, world, copy=False)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
     step = 0
     source = checkpoint.latest(ckpt_dir) if resume == "auto" else (None if resume == "never" else Path(resume))
@@ -142,7 +149,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
             sums: dict[str, torch.Tensor] = {}
             for _ in range(cfg.deepspeed.grad_accum):
                 t = time.perf_counter()
-                batch = _to(next(batches), device)
+                batch = _to(next(batches), device, dtype)
                 waited += time.perf_counter() - t
                 losses = engine(batch, step=step, rank=rank)
                 engine.backward(weight * losses["loss"])

@@ -58,7 +58,9 @@ class Tracker:
             exp_id = exp.experiment_id
         id_file = cfg.run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else None
-        self.run = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.tracking.run_name or cfg.name)
+        # System figures (CPU, memory, GPU) come from MLflow's own sampler, every 10 s.
+        self.run = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.tracking.run_name or cfg.name,
+                                    log_system_metrics=True)
         id_file.write_text(self.run.info.run_id + "\n")
         self.run_id = self.run.info.run_id
         if run_id is None:
