@@ -48,6 +48,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 def pretrain_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="launchers/rank.py")
     _pretrain_args(p)
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return _pretrain(p.parse_args(argv))
 
 
