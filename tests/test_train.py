@@ -54,8 +54,12 @@ def test_config_errors_name_the_key(tmp_path):
         load_run_config(TINY, ["deepspeed.zero_stage=4"])
     with pytest.raises(ValueError, match=r"steps: Input should be a valid integer"):
         load_run_config(TINY, ["steps=many"])
-    cfg = load_run_config(TINY, ["optim.lr=1e-4", "data.dataset=/x"])
-    assert cfg.optim.lr == 1e-4 and cfg.objective_settings()[0][0] == "dae"
+    cfg = load_run_config(TINY, ["optim.lr=1e-3", "data.dataset=/x"])
+    assert cfg.optim.lr == 1e-3 and cfg.objective_settings()[0][0] == "dae"
+    with pytest.raises(ValueError, match="min_lr 0.0003 is above lr 0.0001"):
+        load_run_config(TINY, ["optim.lr=1e-4"])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        load_run_config(TINY, ["steps=2"])
 
 
 def test_warmup_then_cosine():
@@ -77,8 +81,11 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(dataset, tmp_path):
         time.sleep(0.05)
     p.kill()  # SIGKILL: no chance to clean up, possibly mid-checkpoint
     p.communicate()
-    ckpts = tmp_path / "b" / "dae-tiny" / "checkpoints"
-    assert any((c / "COMPLETE").exists() for c in ckpts.iterdir() if c.is_dir())
+    assert p.returncode == -9
+    from medssl_scale.train import checkpoint
+
+    resumed_from = checkpoint.latest(tmp_path / "b" / "dae-tiny" / "checkpoints")
+    assert resumed_from is not None and resumed_from.name < "step-00000010"  # else this test resumed nothing
     out = run(*common, "workdir=b", cwd=tmp_path)
     assert "finished at step 10" in out
     assert curve(tmp_path / "b" / "dae-tiny") == reference  # step for step, exactly (fp32 on CPU)
@@ -224,3 +231,29 @@ def test_bf16_run(dataset, tmp_path):
     assert "finished at step 3" in out
     losses = curve(tmp_path / "runs" / "dae-tiny")
     assert len(losses) == 3 and all(0 < v < 10 for v in losses.values())
+
+
+def test_resume_refuses_other_settings_and_fresh_starts_over_a_run(dataset, tmp_path):
+    common = ["pretrain", "--config", str(TINY), "--no-progress", f"data.dataset={dataset}", "steps=3"]
+    run(*common, cwd=tmp_path)
+    for extra, expect in ((["optim.lr=1e-2"], "other settings for optim"), (["--resume", "never"], "holds a run already"),
+                          (["--resume", str(tmp_path / "nope")], "not a complete checkpoint")):
+        p = medssl(*common, *extra, cwd=tmp_path)
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 2 and expect in out, out
+    out = run(*common, "tracking.log_every=2", cwd=tmp_path)  # tracking settings may change
+    assert "finished at step 3" in out
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank(dataset, tmp_path):
+    p = medssl("launch", "local", "--nproc", "2", "--config", str(TINY), "--no-progress", f"data.dataset={dataset}",
+               "steps=100000", "checkpoint.every=100000", cwd=tmp_path, start_new_session=True)
+    metrics = tmp_path / "runs" / "dae-tiny" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)  # what a pod's shutdown does: the whole process group
+    out, _ = p.communicate(timeout=120)
+    ckpts = [c for c in (tmp_path / "runs" / "dae-tiny" / "checkpoints").iterdir() if (c / "COMPLETE").exists()]
+    assert len(ckpts) == 1, out
+    assert (ckpts[0] / "rank-0.pt").exists() and (ckpts[0] / "rank-1.pt").exists()

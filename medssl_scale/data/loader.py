@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,12 @@ def _dist() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """Workers leave SIGTERM to their rank: torchrun signals the whole process group, and a rank whose
+    workers died cannot finish the step and write the checkpoint SIGTERM asks for."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Loader:
     """Batches of one rank, forever, resumable.
 
@@ -46,7 +53,8 @@ class Loader:
     before asking for the next. With a GPU, batches come in pinned memory.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int | None = None, world: int | None = None, copy: bool = True):
+    def __init__(self, cfg: DataConfig, rank: int | None = None, world: int | None = None, copy: bool = True,
+                 workers_ignore_sigterm: bool = False):
         r, w = _dist()
         self.cfg = cfg
         self.rank = r if rank is None else rank
@@ -54,6 +62,9 @@ class Loader:
         self.epoch = 0
         self.position = 0  # batches consumed in this epoch
         self.copy = copy
+        # The training engine sets this and stops the workers itself (closing its iterator): a SIGTERM
+        # to the process group must leave the workers to the rank, which finishes its step first.
+        self.workers_ignore_sigterm = workers_ignore_sigterm
         self.pin = torch.cuda.is_available()
         self.ring: Ring | None = None
         if cfg.source == "zarr":
@@ -77,7 +88,8 @@ class Loader:
             if self.ring is None:  # allocated once, before the first workers fork
                 cropper = self.dataset.cropper
                 self.ring = Ring(cropper.spec(), self.cfg.batch_size, self.cfg.workers, self.cfg.prefetch)
-            kw.update(prefetch_factor=self.cfg.prefetch, collate_fn=Collate(self.ring, self.epoch))
+            kw.update(prefetch_factor=self.cfg.prefetch, collate_fn=Collate(self.ring, self.epoch),
+                      worker_init_fn=_ignore_sigterm if self.workers_ignore_sigterm else None)
         else:
             kw.update(collate_fn=Collate(None), pin_memory=self.pin)
         if self.cfg.source == "zarr":

@@ -56,9 +56,9 @@ class DAEConfig(BaseModel):
     kernels: Literal["auto", "reference", "triton"] = "auto"
 
 
-def step_seed(seed: int, step: int, rank: int, what: str) -> int:
-    """A 63-bit seed per (run seed, step, rank, purpose): independent streams without global RNG state."""
-    h = hashlib.blake2b(f"{seed}/{step}/{rank}/{what}".encode(), digest_size=8).digest()
+def step_seed(seed: int, step: int, rank: int, what: str, micro: int = 0) -> int:
+    """A 63-bit seed per (run seed, step, rank, micro-batch, purpose): independent streams without global RNG state."""
+    h = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro}/{what}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
 
 
@@ -79,25 +79,25 @@ class DisruptiveAutoencoder(nn.Module):
     def encoder(self) -> nn.Module:
         return self.net
 
-    def disrupt(self, x: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    def disrupt(self, x: torch.Tensor, step: int, rank: int, micro: int = 0) -> torch.Tensor:
         """The image-space disruptions (noise, downsampling); masking happens inside the network."""
         cfg = self.cfg
         if "noise" in cfg.disruptions and cfg.noise_variance > 0:
-            x = kernels.gaussian_noise(x, math.sqrt(cfg.noise_variance), step_seed(cfg.seed, step, rank, "noise"), backend=cfg.kernels)
+            x = kernels.gaussian_noise(x, math.sqrt(cfg.noise_variance), step_seed(cfg.seed, step, rank, "noise", micro), backend=cfg.kernels)
         if "downsample" in cfg.disruptions:
             x = kernels.downsample(x, cfg.downsample_factor)
         return x
 
-    def _mask_fn(self, step: int, rank: int):
+    def _mask_fn(self, step: int, rank: int, micro: int = 0):
         cfg = self.cfg
         if "mask" not in cfg.disruptions or cfg.mask_ratio == 0:
             return None
-        seed = step_seed(cfg.seed, step, rank, "mask")
+        seed = step_seed(cfg.seed, step, rank, "mask", micro)
         return lambda e: kernels.channel_mask(e, cfg.mask_ratio, seed, cfg.mask_per_token, self.mask_values, backend=cfg.kernels)
 
-    def forward(self, batch: dict[str, Any], step: int = 0, rank: int = 0) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, Any], step: int = 0, rank: int = 0, micro: int = 0) -> dict[str, torch.Tensor]:
         clean = batch["image"]
-        recon = self.net(self.disrupt(clean, step, rank), embed_fn=self._mask_fn(step, rank))
+        recon = self.net(self.disrupt(clean, step, rank, micro), embed_fn=self._mask_fn(step, rank, micro))
         out = {"recon_l1": F.l1_loss(recon.float(), clean.float())}
         total = out["recon_l1"]
         if self.cfg.cmcl_weight > 0:

@@ -62,14 +62,20 @@ def save(engine: Any, ckpt_dir: Path, step: int, rank_state: dict[str, Any], kee
     """Write a checkpoint from every rank (a collective call); returns its directory."""
     tag = tag_for(step)
     path = ckpt_dir / tag
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and path.exists():  # never a stale marker over files being rewritten
+        (path / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path)
+    if dist.is_initialized():
+        dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     torch.save({**rank_state, "rng": rng_state()}, path / f"rank-{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
         atomic_write_text(path / MARKER, json.dumps({"step": step, "time": time.time()}) + "\n")
         for old in complete(ckpt_dir)[:-keep]:
+            (old / MARKER).unlink(missing_ok=True)  # unpicked from here on, even if the delete is cut short
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
@@ -78,6 +84,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, rank_state: dict[str, Any], kee
 
 def load(engine: Any, path: Path) -> dict[str, Any]:
     """Restore the engine from ``path``; returns this rank's saved state (loader position, step)."""
+    if not (path / MARKER).exists():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
     engine.load_checkpoint(str(path.parent), tag=path.name)
     rank = dist.get_rank() if dist.is_initialized() else 0
     own = path / f"rank-{rank}.pt"

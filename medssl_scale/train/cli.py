@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +38,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"medssl pretrain: {e}", file=sys.stderr)
         return 2
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:  # refusals and bad settings found once the run starts
+        print(f"medssl pretrain: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"{result['status']} at step {result['step']} ({result['world_size']} rank(s)); run directory {result['run_dir']}")
     return 0
@@ -57,4 +60,6 @@ def _launch_local(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            str(LAUNCHER), "--config", str(args.config), "--resume", args.resume, *(["--no-progress"] if args.no_progress else []),
            *args.overrides]
-    return subprocess.call(cmd)
+    # Become torchrun rather than wait on it: a SIGTERM to this process then reaches the ranks.
+    os.execv(sys.executable, cmd)
+    return 0  # not reached

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medssl_scale.config import apply_overrides, load_yaml
 from medssl_scale.data.config import DataConfig
@@ -33,6 +40,13 @@ class OptimConfig(_Strict):
     momentum: float = Field(0.9, ge=0)  # sgd
     warmup_steps: int = Field(0, ge=0)
     clip_grad: float = Field(1.0, ge=0)  # 0: no clipping
+
+
+    @model_validator(mode="after")
+    def _floor(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
 
 
 class DeepSpeedConfig(_Strict):
@@ -72,7 +86,17 @@ class RunConfig(_Strict):
     def _one_or_more(cls, v: dict[str, Any]) -> dict[str, Any]:
         if not v:
             raise ValueError("name at least one objective, e.g. objectives: {dae: 1.0}")
+        for name, spec in v.items():
+            weight = spec.get("weight", 1.0) if isinstance(spec, dict) else spec
+            if not isinstance(weight, (int, float)) or weight <= 0:
+                raise ValueError(f"{name}: the weight must be a positive number, got {weight!r}")
         return v
+
+    @model_validator(mode="after")
+    def _warmup(self) -> RunConfig:
+        if self.optim.warmup_steps >= self.steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below steps ({self.steps})")
+        return self
 
     @property
     def run_dir(self) -> Path:

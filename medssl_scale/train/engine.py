@@ -53,7 +53,20 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
         "steps_per_print": 1 << 30,  # our own logging
         "zero_allow_untested_optimizer": True,  # a torch optimizer: DeepSpeed's fused Adam compiles for a minute on CPU
     }
-    return {**out, **ds.extra}
+    owned = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping", "bf16", "fp16"}
+    if clash := owned & set(ds.extra):
+        raise ValueError(f"deepspeed.extra sets {', '.join(sorted(clash))}: set them through data.batch_size, deepspeed.grad_accum, "
+                         "optim.clip_grad and deepspeed.precision, which the training loop follows too")
+    if "stage" in ds.extra.get("zero_optimization", {}):
+        raise ValueError("deepspeed.extra.zero_optimization.stage: set deepspeed.zero_stage instead")
+    return _merge(out, ds.extra)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -110,28 +123,35 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    source = _resume_source(resume, ckpt_dir, run_dir, rank)
 
     specs = cfg.objective_settings()
     if len(specs) != 1:
         raise ValueError("one objective per run for now: composing objectives (e.g. lrc on top of another) comes with LRC")
     name, weight, settings = specs[0]
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    objective = build_objective(name, **{"kernels": cfg.kernels, "seed": cfg.seed, **settings})
+    try:
+        objective = build_objective(name, **{"kernels": cfg.kernels, "seed": cfg.seed, **settings})
+    except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"objectives.{name}: {e}") from None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     optimizer = _optimizer(cfg, objective.parameters())
     scheduler = warmup_cosine(optimizer, cfg.steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
-    loader = Loader(cfg.data, rank, world, copy=False)
+    loader = Loader(cfg.data, rank, world, copy=False, workers_ignore_sigterm=True)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
     step = 0
-    source = checkpoint.latest(ckpt_dir) if resume == "auto" else (None if resume == "never" else Path(resume))
     if source is not None:
         state = checkpoint.load(engine, source)
+        _same_config(state.get("config"), cfg, source)
         loader.load_state_dict(state["loader"])
         step = int(state["step"])
+        if rank == 0:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
 
     tracker = Tracker(cfg, enabled=rank == 0)
     stop = _Stop()
@@ -147,11 +167,11 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
             waited = 0.0
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it in engine.step)
             sums: dict[str, torch.Tensor] = {}
-            for _ in range(cfg.deepspeed.grad_accum):
+            for micro in range(cfg.deepspeed.grad_accum):
                 t = time.perf_counter()
                 batch = _to(next(batches), device, dtype)
                 waited += time.perf_counter() - t
-                losses = engine(batch, step=step, rank=rank)
+                losses = engine(batch, step=step, rank=rank, micro=micro)
                 engine.backward(weight * losses["loss"])
                 engine.step()
                 for k, v in losses.items():
@@ -172,25 +192,87 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
                 tracker.metrics(step, record)
             if step % cfg.tracking.plot_every == 0 or step == cfg.steps:
                 # Every rank runs it: under ZeRO-3 a forward gathers parameters collectively.
-                visuals = objective.visuals(batch, step) if hasattr(objective, "visuals") else None
+                with deepspeed.zero.GatheredParameters(list(objective.parameters(recurse=False)), enabled=cfg.deepspeed.zero_stage == 3):
+                    visuals = objective.visuals(batch, step) if hasattr(objective, "visuals") else None
                 tracker.plots(step, visuals)
             bar(step, record)
             stopping = _any(stop.requested, device)
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or stopping:
-                last = checkpoint.save(engine, ckpt_dir, step, {"step": step, "loader": loader.state_dict()}, cfg.checkpoint.keep)
+                tracker.flush()  # what a resume will not redo must be on record
+                state = {"step": step, "loader": loader.state_dict(), "config": cfg.model_dump(mode="json")}
+                last = checkpoint.save(engine, ckpt_dir, step, state, cfg.checkpoint.keep)
             if stopping:
                 status = "stopped by SIGTERM after a checkpoint"
                 break
         tracker.finish(status, last if step == cfg.steps else None)
     except BaseException:
-        tracker.finish("failed", None)
+        try:
+            tracker.finish("failed", None)
+        except Exception:  # never hide the error that stopped the run
+            pass
         raise
     finally:
+        # Stop the loader's workers through their queues now: they ignore SIGTERM, which is how
+        # multiprocessing would otherwise end them at interpreter exit.
+        batches.close()
+        bar(None, None)
         stop.restore()
         if metrics_file:
             metrics_file.close()
     return {"status": status, "step": step, "run_dir": str(run_dir), "world_size": world,
             "mlflow_run_id": getattr(tracker, "run_id", None)}
+
+
+def _resume_source(resume: str, ckpt_dir: Path, run_dir: Path, rank: int) -> Path | None:
+    """The checkpoint to resume from, chosen by rank 0 and broadcast: every rank must load the same one."""
+    import torch.distributed as dist
+
+    from medssl_scale.train import checkpoint
+
+    choice: list[Any] = [None]
+    if rank == 0:
+        try:
+            if resume == "auto":
+                choice[0] = checkpoint.latest(ckpt_dir)
+            elif resume == "never":
+                if checkpoint.complete(ckpt_dir) or (run_dir / "metrics.jsonl").exists():
+                    raise ValueError(f"{run_dir} holds a run already: --resume auto continues it; a new name= starts another")
+            else:
+                path = Path(resume)
+                if not (path / checkpoint.MARKER).exists():
+                    raise ValueError(f"--resume {path}: not a complete checkpoint (no {checkpoint.MARKER} marker)")
+                newer = [c.name for c in checkpoint.complete(ckpt_dir) if c.name > path.name and c.resolve() != path.resolve()]
+                if newer:
+                    raise ValueError(f"--resume {path}: {ckpt_dir} holds newer checkpoints ({', '.join(newer)}); move them away to roll back")
+                choice[0] = path
+        except ValueError as e:
+            choice[0] = e
+    dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], ValueError):
+        raise choice[0]
+    return choice[0]
+
+
+RESUMABLE_CHANGES = ("tracking", "checkpoint")
+
+
+def _same_config(saved: dict[str, Any] | None, cfg: RunConfig, source: Path) -> None:
+    """A resume continues the run it resumes: only tracking and checkpoint settings may differ."""
+    if saved is None:
+        return
+    now = cfg.model_dump(mode="json")
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"{source} was written with other settings for {', '.join(changed)}: "
+                         "resume with the run's own config (RUN/config.yaml), or start a new run (name=...)")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps after the checkpoint: the resumed run writes them again."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _any(flag: bool, device: torch.device) -> bool:
@@ -217,7 +299,10 @@ def _progress(enabled: bool, total: int, start: int):
     task = p.add_task("train", total=total, completed=start, info="")
     p.start()
 
-    def update(step: int, record: dict[str, Any]) -> None:
+    def update(step: int | None, record: dict[str, Any] | None) -> None:
+        if step is None:
+            p.stop()
+            return
         p.update(task, completed=step, info=f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} samples/s  data wait {record['data_wait']:.0%}")
         if step >= total:
             p.stop()
