@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _emit import emit  # noqa: E402
 os.environ.setdefault("MEDSSL_SITE_SECRET", "benchmark-secret-not-for-real-data")
 
 import numpy as np
@@ -405,11 +407,7 @@ def main() -> None:
         peak_rss_note="per method, in its own process: ru_maxrss of that process + the largest of its reaped "
                       "workers (RUSAGE_CHILDREN is a maximum, not a sum; pages shared after fork count in both)",
     )
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

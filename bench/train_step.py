@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _emit import emit  # noqa: E402
 MODES = ("ddp", "zero1", "zero2", "zero3")
 
 
@@ -178,11 +180,7 @@ def main() -> None:
     out.update(runs=runs, model=args.model, crop=args.crop, batch_per_rank=args.batch, steps=args.steps,
                device="cuda" if torch.cuda.is_available() else "cpu (gloo, DS_ACCELERATOR=cpu)",
                machine={"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__})
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":
