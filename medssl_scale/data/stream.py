@@ -98,7 +98,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         w, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.assignment(self.epoch)[self.rank]
-        used = max(1, min(workers, len(mine)))
+        used = self.workers_used(workers)
         if w >= used:
             return
         # DataLoader asks workers in turn from worker 0; after a resume the next batch belongs to

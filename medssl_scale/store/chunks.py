@@ -194,9 +194,8 @@ class VolumeReader:
             return out
         if any(l > s for l, s in zip(lo, start)) or any(h < s + k for h, s, k in zip(hi, start, size)):
             out.fill(fill)
-        dst = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))
         if self._zarr is not None:
-            out[dst] = self._zarr[tuple(slice(l, h) for l, h in zip(lo, hi))]
+            out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = self._zarr[tuple(slice(l, h) for l, h in zip(lo, hi))]
             return out
         ranges = [range(l // c, (h - 1) // c + 1) for l, h, c in zip(lo, hi, self.chunk)]
         fds: dict[Path, tuple[int, int]] = {}
