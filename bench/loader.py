@@ -52,6 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _emit import emit  # noqa: E402
+
 os.environ.setdefault("MEDSSL_SITE_SECRET", "benchmark-secret-not-for-real-data")
 
 import numpy as np

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -26,6 +27,24 @@ class Registry(Generic[T]):
         if name not in self._makers:
             raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._makers[name](**config)
+
+    def check(self, name: str, **config: Any) -> None:
+        """Raise ValueError if ``build(name, **config)`` would be refused for its settings, without building anything.
+
+        A maker with a pydantic ``Config`` validates through it; any other is
+        checked against its signature (names only).
+        """
+        if name not in self._makers:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+        maker = self._makers[name]
+        schema = getattr(maker, "Config", None)
+        if schema is not None:
+            schema(**config)  # pydantic's ValidationError is a ValueError
+            return
+        try:
+            inspect.signature(maker).bind(**config)
+        except TypeError as e:
+            raise ValueError(f"{self.kind} {name}: {e}") from None
 
     def names(self) -> list[str]:
         return sorted(self._makers)

@@ -137,3 +137,49 @@ def test_dae_on_swin_unetr_masks_the_patch_embeddings():
     assert emb.shape[1] == 12 and ((emb == 0).all(dim=(0, 2, 3, 4))).sum() == 7
     out["loss"].backward()
     assert obj.net.bottleneck.shape[1] == obj.net.bottleneck_channels == 192
+
+
+_GATHER_WORKER = """
+import sys, torch, torch.distributed as dist
+from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
+dist.init_process_group("gloo")
+r = dist.get_rank()
+torch.manual_seed(0)
+z_all, y_all = torch.randn(4, 6), torch.tensor([0, 1, 1, 0])
+z = z_all[2 * r: 2 * r + 2].clone().requires_grad_()
+g, y = gather_from_ranks(z, y_all[2 * r: 2 * r + 2])
+loss = supervised_contrastive(g, y, 0.5)
+loss.backward()
+torch.save({"loss": loss.detach(), "grad": z.grad}, sys.argv[1] + f"/rank{r}.pt")
+"""
+
+
+def test_contrastive_loss_over_ranks_equals_one_big_batch(tmp_path):
+    """Each rank holds crops [0,1] / [1,0]: alone, no rank has a positive pair; gathered, all do."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_GATHER_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    torch.manual_seed(0)
+    z_all, y_all = torch.randn(4, 6), torch.tensor([0, 1, 1, 0])
+    z_all.requires_grad_()
+    want = supervised_contrastive(z_all, y_all, 0.5)
+    want.backward()
+    assert want > 0
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        torch.testing.assert_close(got["loss"], want.detach())
+        # Every rank's copy of the loss sends gradient to these features: 2x, which DeepSpeed's mean over ranks undoes.
+        torch.testing.assert_close(got["grad"] / 2, z_all.grad[2 * r: 2 * r + 2])

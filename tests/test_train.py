@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow_server import free_port, mlflow_server
 from sample_data import training_dataset
 
 from medssl_scale.train.config import load_run_config
@@ -60,6 +61,15 @@ def test_config_errors_name_the_key(tmp_path):
         load_run_config(TINY, ["optim.lr=1e-4"])
     with pytest.raises(ValueError, match="warmup_steps"):
         load_run_config(TINY, ["steps=2"])
+    # Objective and model settings are checked on load, before any process starts.
+    with pytest.raises(ValueError, match="objectives.dae.mask_ratio: Input should be less than or equal to 1"):
+        load_run_config(TINY, ["objectives.dae.mask_ratio=2"])
+    with pytest.raises(ValueError, match="objectives.dae.model: unknown model 'conv_aee'"):
+        load_run_config(TINY, ["objectives.dae.model.name=conv_aee"])
+    with pytest.raises(ValueError, match="conv_ae: .*unexpected keyword argument 'widths'"):
+        load_run_config(TINY, ["objectives.dae.model.widths=[4]"])
+    with pytest.raises(ValueError, match="unknown objective 'mae'"):
+        load_run_config(TINY, ["objectives={mae: 1.0}"])
 
 
 def test_warmup_then_cosine():
@@ -162,28 +172,7 @@ def test_local_tracking_needs_no_server(dataset, tmp_path):
 
 
 def test_tracking_server(dataset, tmp_path):
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--artifacts-destination", (tmp_path / "server-artifacts").as_uri()],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError("mlflow server did not come up") from None
-                time.sleep(0.2)
+    with mlflow_server(tmp_path) as uri:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         p = subprocess.run([sys.executable, "-m", "medssl_scale.cli", "pretrain", "--config", str(TINY), "--no-progress",
                             f"data.dataset={dataset}", "steps=3", "tracking.plot_every=3"], cwd=tmp_path, env=env,
@@ -192,9 +181,35 @@ def test_tracking_server(dataset, tmp_path):
         assert not (tmp_path / "runs" / "mlruns.db").exists()  # everything went to the server
         client, r = _mlflow_run(uri)
         _check_tracked(client, r, 3)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_a_tracking_outage_does_not_stop_training(dataset, tmp_path, monkeypatch, caplog):
+    """The server goes away mid-run: the tracker warns and keeps the metrics; when it is back they arrive."""
+    import mlflow
+
+    from medssl_scale.train.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    cfg = load_run_config(TINY, [f"workdir={tmp_path / 'runs'}", f"data.dataset={dataset}"])
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    port = free_port()
+    with mlflow_server(tmp_path, port) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        tracker = Tracker(cfg, enabled=True)
+        tracker.metrics(1, {"step": 1, "loss": 1.0})
+        tracker.flush()
+    tracker.metrics(2, {"step": 2, "loss": 0.5})
+    tracker.flush()
+    tracker.plots(2, None)
+    assert tracker.failures == 2 and len(tracker._pending) == 1
+    assert "training goes on" in caplog.text
+    with mlflow_server(tmp_path, port):
+        tracker.finish("finished", None)
+        client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+        assert [m.value for m in client.get_metric_history(tracker.run_id, "loss")] == [1.0, 0.5]
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path):

@@ -21,6 +21,7 @@ def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
 
 
+@register_model("conv_ae")
 class ConvAutoencoder(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 1, channels: tuple[int, ...] = (8, 16, 32)):
         super().__init__()
@@ -42,7 +43,3 @@ class ConvAutoencoder(nn.Module):
         self.bottleneck = self.encoder(e)
         return self.decoder(self.bottleneck)
 
-
-@register_model("conv_ae")
-def conv_ae(**config) -> ConvAutoencoder:
-    return ConvAutoencoder(**config)

@@ -30,6 +30,7 @@ class _EmbeddingHook(nn.Module):
         return self.drop(self.fn(x) if self.fn is not None else x)
 
 
+@register_model("swin_unetr")
 class SwinAutoencoder(nn.Module):
     """MONAI SwinUNETR as an image-to-image network, exposing embeddings and bottleneck."""
 
@@ -61,7 +62,3 @@ class SwinAutoencoder(nn.Module):
         finally:
             self.embedding_hook.fn = None
 
-
-@register_model("swin_unetr")
-def swin_unetr(**config) -> SwinAutoencoder:
-    return SwinAutoencoder(**config)

@@ -16,7 +16,8 @@ temperature ``cmcl_temperature`` (0.5): the paper's intent, not the released
 code's form [ours]: the bottleneck is average-pooled, projected by a small
 MLP, L2-normalised, and a supervised contrastive loss treats crops of the same
 modality (``cmcl_positives: modality``), of the same pseudonymous patient
-(``subject``, for CT/MR pairs from ``data.pairs``) or both as positives.
+(``subject``, for CT/MR pairs from ``data.pairs``) or both as positives,
+across the global batch (every rank's crops).
 Random draws come from ``(seed, step, rank)``: the same on a rerun, different
 on each rank and step.
 """
@@ -30,12 +31,12 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medssl_scale import kernels
-from medssl_scale.models import build_model
+from medssl_scale.models import MODELS, build_model
 from medssl_scale.objectives import register_objective
-from medssl_scale.objectives.losses import supervised_contrastive
+from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
 
 
 class DAEConfig(BaseModel):
@@ -55,6 +56,13 @@ class DAEConfig(BaseModel):
     seed: int = Field(0, ge=0)
     kernels: Literal["auto", "reference", "triton"] = "auto"
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: dict[str, Any]) -> dict[str, Any]:
+        settings = dict(v)
+        MODELS.check(settings.pop("name", "swin_unetr"), **settings)
+        return v
+
 
 def step_seed(seed: int, step: int, rank: int, what: str, micro: int = 0) -> int:
     """A 63-bit seed per (run seed, step, rank, micro-batch, purpose): independent streams without global RNG state."""
@@ -64,6 +72,8 @@ def step_seed(seed: int, step: int, rank: int, what: str, micro: int = 0) -> int
 
 @register_objective("dae")
 class DisruptiveAutoencoder(nn.Module):
+    Config = DAEConfig
+
     def __init__(self, **config: Any):
         super().__init__()
         self.cfg = DAEConfig(**config)
@@ -109,13 +119,10 @@ class DisruptiveAutoencoder(nn.Module):
     def _cmcl(self, batch: dict[str, Any]) -> torch.Tensor:
         assert self.net.bottleneck is not None and self.projector is not None
         z = self.projector(self.net.bottleneck.mean(dim=(2, 3, 4))).float()
-        t = self.cfg.cmcl_temperature
-        terms = []
-        if self.cfg.cmcl_positives in ("modality", "both"):
-            terms.append(supervised_contrastive(z, torch.as_tensor(batch["modality"], device=z.device), t))
-        if self.cfg.cmcl_positives in ("subject", "both"):
-            terms.append(supervised_contrastive(z, torch.as_tensor(batch["subject"], device=z.device), t))
-        return torch.stack(terms).mean()
+        keys = {"modality": ["modality"], "subject": ["subject"], "both": ["modality", "subject"]}[self.cfg.cmcl_positives]
+        # Positives and negatives come from the global batch: a rank's few crops alone often hold no positive pair.
+        z, *labels = gather_from_ranks(z, *(torch.as_tensor(batch[k], device=z.device) for k in keys))
+        return torch.stack([supervised_contrastive(z, y, self.cfg.cmcl_temperature) for y in labels]).mean()
 
     @torch.no_grad()
     def visuals(self, batch: dict[str, Any], step: int = 0) -> dict[str, torch.Tensor]:

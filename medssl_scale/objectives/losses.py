@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -29,3 +30,25 @@ def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor, tempera
         return features.sum() * 0.0
     per_anchor = -(log_prob.masked_fill(~pos, 0.0).sum(1)[anchors] / counts[anchors])
     return per_anchor.mean()
+
+
+def gather_from_ranks(features: torch.Tensor, *labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's batch, in rank order, for losses that compare samples with each other.
+
+    Gradients flow back to each rank's own features (``torch.distributed.nn``'s
+    all-gather sums them over ranks), so every rank computing the same loss on
+    the gathered batch, then DeepSpeed averaging gradients, gives exactly the
+    gradient of that loss on one big batch. Micro-batches must be the same
+    size on every rank, which the data loader guarantees. Outside a process
+    group (or with one rank) the inputs come back as they are.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return (features, *labels)
+    from torch.distributed.nn.functional import all_gather
+
+    out = [torch.cat(all_gather(features))]
+    for t in labels:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return tuple(out)

@@ -98,6 +98,22 @@ class RunConfig(_Strict):
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below steps ({self.steps})")
         return self
 
+    @model_validator(mode="after")
+    def _objectives_known(self) -> RunConfig:
+        # Checked here, not when the run builds them: a typo should fail before any process group exists.
+        from medssl_scale.objectives import OBJECTIVES
+
+        if len(self.objectives) != 1:
+            raise ValueError("objectives: one objective per run for now (composing them comes with LRC)")
+        for name, _, settings in self.objective_settings():
+            try:
+                OBJECTIVES.check(name, **{"kernels": self.kernels, "seed": self.seed, **settings})
+            except ValidationError as e:
+                raise ValueError("; ".join(f"objectives.{name}.{_loc(err)}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
+            except ValueError as e:
+                raise ValueError(f"objectives.{name}: {e}") from None
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.workdir) / self.name
@@ -118,6 +134,10 @@ class RunConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"])
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """A validated RunConfig from a YAML file and ``key=value`` overrides; errors name the key and the file."""
     raw = load_yaml(path) if path else {}
@@ -128,6 +148,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         where = f"{path}" if path else "the config"
         lines = [f"{where}: {len(e.errors())} problem(s)"]
         for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {_loc(err)}: {msg}" if err["loc"] else f"  {msg}")
         raise ValueError("\n".join(lines)) from None

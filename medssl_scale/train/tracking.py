@@ -8,6 +8,7 @@ run (its id is kept in the run directory), so one run has one curve.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from medssl_scale.train.config import RunConfig
 
 RUN_ID_FILE = "mlflow_run_id"
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(workdir: Path) -> str:
@@ -34,13 +36,20 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """Does nothing on ranks other than 0."""
+    """Does nothing on ranks other than 0.
+
+    Opening the run fails loudly (a wrong URI should stop a job before it
+    spends compute). Once training, a tracking outage only warns: metrics wait
+    in memory and go with the next successful flush, plots of that moment are
+    lost, and the checkpoints, the source of truth for a resume, are unaffected.
+    """
 
     def __init__(self, cfg: RunConfig, enabled: bool):
         self.enabled = enabled
         self.cfg = cfg
         self.history: list[dict[str, Any]] = []
         self._pending: list[tuple[int, dict[str, float]]] = []
+        self.failures = 0
         if not enabled:
             return
         import mlflow
@@ -82,13 +91,25 @@ class Tracker:
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for step, rec in self._pending for k, v in rec.items()]
-        self.mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=metrics)
-        self._pending = []
+        if self._guard("metrics", lambda: self.mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=metrics)):
+            self._pending = []
+
+    def _guard(self, what: str, call) -> bool:
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - any tracking failure: the training goes on
+            self.failures += 1
+            log.warning("MLflow tracking failed (%s; %d failure(s) so far), training goes on: %s", what, self.failures, e)
+            return False
+        return True
 
     def plots(self, step: int, visuals: dict[str, Any] | None) -> None:
         """Loss curves so far and a few mid-slices of input, disrupted input and reconstruction, as PNG artifacts."""
         if not self.enabled:
             return
+        self._guard("plots", lambda: self._plots(step, visuals))
+
+    def _plots(self, step: int, visuals: dict[str, Any] | None) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -121,7 +142,9 @@ class Tracker:
         if not self.enabled:
             return
         self.flush()
+        if self._pending:
+            log.warning("%d step(s) of metrics could not reach MLflow; they are in the run's metrics.jsonl", len(self._pending))
         if checkpoint is not None:
-            self.mlflow.log_artifacts(str(checkpoint), artifact_path=f"checkpoint/{checkpoint.name}")
-        self.mlflow.set_tag("medssl.status", status)
-        self.mlflow.end_run("FINISHED" if status == "finished" else "KILLED")
+            self._guard("final checkpoint", lambda: self.mlflow.log_artifacts(str(checkpoint), artifact_path=f"checkpoint/{checkpoint.name}"))
+        self._guard("status", lambda: self.mlflow.set_tag("medssl.status", status))
+        self._guard("end of run", lambda: self.mlflow.end_run("FINISHED" if status == "finished" else "KILLED"))
