@@ -10,6 +10,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ingest import cli as ingest_cli
     from medssl_scale import demo, inspect
     from medssl_scale.data import preview
+    from medssl_scale.downstream import cli as finetune_cli
+    from medssl_scale.registry import cli as registry_cli
     from medssl_scale.train import cli as train_cli
 
     parser = argparse.ArgumentParser(prog="medssl", description="Self-supervised pre-training on 3D CT and MRI, at scale.")
@@ -20,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     preview.add_parser(sub)
     train_cli.add_parser(sub)
+    registry_cli.add_parser(sub)
+    finetune_cli.add_parser(sub)
     return parser
 
 

@@ -3,6 +3,12 @@
 ``build_model("swin_unetr", **config)`` returns the module; the config is plain
 JSON-able data, which is what the registry stores next to the weights so
 that an encoder can be rebuilt without unpickling anything.
+
+Every pre-training network has an encoder half: ``model.encoder_module()`` returns
+it as a module sharing the model's parameters, and ``build_encoder(name,
+**config)`` builds the same architecture fresh from ``encoder.config``. An
+encoder maps ``[B, C, D, H, W]`` to a list of feature maps, finest first, with
+``feature_channels`` and ``feature_strides`` telling a decoder their shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from medssl_scale.named import Registry
 MODELS: Registry[nn.Module] = Registry("model")
 register_model = MODELS.register
 model_names = MODELS.names
+ENCODERS: Registry[nn.Module] = Registry("encoder")
+register_encoder = ENCODERS.register
 
 
 def build_model(name: str, **config: Any) -> nn.Module:
@@ -23,6 +31,13 @@ def build_model(name: str, **config: Any) -> nn.Module:
         return MODELS.build(name, **config)
     except TypeError as e:  # a misspelt or missing setting
         raise ValueError(f"model {name}: {e}") from None
+
+
+def build_encoder(name: str, **config: Any) -> nn.Module:
+    try:
+        return ENCODERS.build(name, **config)
+    except TypeError as e:
+        raise ValueError(f"encoder {name}: {e}") from None
 
 
 from medssl_scale.models import conv, swin  # noqa: E402,F401  (register their models)

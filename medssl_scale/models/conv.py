@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from medssl_scale.models import register_model
+from medssl_scale.models import register_encoder, register_model
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -26,6 +26,7 @@ class ConvAutoencoder(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 1, channels: tuple[int, ...] = (8, 16, 32)):
         super().__init__()
         c = list(channels)
+        self.in_channels, self.channels = in_channels, tuple(c)
         self.patch_embed = nn.Conv3d(in_channels, c[0], 2, stride=2)
         self.encoder = nn.Sequential(*[_block(a, b, stride=2) for a, b in zip(c[:-1], c[1:])])
         ups = []
@@ -36,6 +37,9 @@ class ConvAutoencoder(nn.Module):
         self.embed_channels = c[0]
         self.bottleneck_channels = c[-1]
 
+    def encoder_module(self) -> ConvEncoder:
+        return ConvEncoder.sharing(self)
+
     def forward(self, x: torch.Tensor, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         e = self.patch_embed(x)
         if embed_fn is not None:
@@ -43,3 +47,34 @@ class ConvAutoencoder(nn.Module):
         self.bottleneck = self.encoder(e)
         return self.decoder(self.bottleneck)
 
+
+
+@register_encoder("conv_ae")
+class ConvEncoder(nn.Module):
+    """The encoder half of :class:`ConvAutoencoder`: features at strides 2, 4, 8, ... (same parameter names)."""
+
+    def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (8, 16, 32)):
+        super().__init__()
+        ae = ConvAutoencoder(in_channels=in_channels, channels=channels)
+        self._adopt(ae)
+
+    @classmethod
+    def sharing(cls, ae: ConvAutoencoder) -> ConvEncoder:
+        enc = cls.__new__(cls)
+        nn.Module.__init__(enc)
+        enc._adopt(ae)
+        return enc
+
+    def _adopt(self, ae: ConvAutoencoder) -> None:
+        self.patch_embed, self.encoder = ae.patch_embed, ae.encoder
+        c = list(ae.channels)
+        self.config = {"name": "conv_ae", "in_channels": ae.in_channels, "channels": c}
+        self.in_channels = ae.in_channels
+        self.feature_channels = c
+        self.feature_strides = [2 ** (i + 1) for i in range(len(c))]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [self.patch_embed(x)]
+        for block in self.encoder:
+            feats.append(block(feats[-1]))
+        return feats

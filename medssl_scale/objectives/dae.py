@@ -87,7 +87,8 @@ class DisruptiveAutoencoder(nn.Module):
                           if self.cfg.cmcl_weight > 0 else None)
 
     def encoder(self) -> nn.Module:
-        return self.net
+        """What gets published: the network's encoder half, sharing this objective's parameters."""
+        return self.net.encoder_module()
 
     def disrupt(self, x: torch.Tensor, step: int, rank: int, micro: int = 0) -> torch.Tensor:
         """The image-space disruptions (noise, downsampling); masking happens inside the network."""

@@ -94,3 +94,25 @@ def load(engine: Any, path: Path) -> dict[str, Any]:
     state = torch.load(own, weights_only=False)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def fp32_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state of a complete checkpoint, whatever its ZeRO stage (0 included).
+
+    Stages 1-3 go through DeepSpeed's own zero-to-fp32 conversion, which
+    reassembles the sharded fp32 master weights; stage 0 keeps the whole
+    model in ``mp_rank_00_model_states.pt``. These are our own pickles from a
+    training run, read only when publishing, never when an encoder is pulled.
+    """
+    path = Path(path)
+    if not (path / MARKER).exists():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+    if any(path.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}

@@ -8,6 +8,7 @@ run (its id is kept in the run directory), so one run has one curve.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -33,6 +34,20 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]  # MLflow's limit on a param value
     return out
+
+
+def _manifest_sha256(dataset: str) -> str:
+    """Which exact dataset a run saw, for the encoder's provenance (the manifest accounts for every input)."""
+    from medssl_scale.store.layout import DatasetDir
+
+    path = DatasetDir(Path(dataset)).manifest
+    if not path.is_file():
+        return "unknown"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class Tracker:
@@ -72,6 +87,8 @@ class Tracker:
                                     log_system_metrics=True)
         id_file.write_text(self.run.info.run_id + "\n")
         self.run_id = self.run.info.run_id
+        mlflow.set_tags({"medssl.objective": ",".join(cfg.objectives), "medssl.dataset": str(cfg.data.dataset),
+                         "medssl.dataset_manifest_sha256": _manifest_sha256(cfg.data.dataset)})
         if run_id is None:
             mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
             mlflow.log_artifact(str(cfg.run_dir / "config.yaml"))

@@ -1,0 +1,1 @@
+"""Downstream fine-tuning: a pulled encoder plus a decoder, with few labels, against training from scratch."""

@@ -1,0 +1,157 @@
+"""The encoder registry with real processes: a real MLflow server, training, publishing, pulling elsewhere, tampering."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow_server import mlflow_server
+from sample_data import training_dataset
+
+from medssl_scale.models import build_encoder
+from medssl_scale.registry import EncoderLoadError, load_encoder
+from medssl_scale.registry import format as fmt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "dae" / "tiny.yaml"
+
+_PULL = """
+import json, sys, torch
+import medssl_scale
+enc = medssl_scale.load_encoder(sys.argv[1])
+x = torch.linspace(-1, 1, 32 ** 3).reshape(1, 1, 32, 32, 32)
+enc4 = medssl_scale.load_encoder(sys.argv[1], in_channels=4)
+with torch.no_grad():
+    same = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(enc(x), enc4(x.repeat(1, 4, 1, 1, 1))))
+torch.save({k: v for k, v in enc.state_dict().items()}, sys.argv[2])
+print(json.dumps({"type": type(enc).__name__, "training": enc.training, "four_channels_agree": same,
+                  "in4": list(enc4.patch_embed.weight.shape)}))
+"""
+
+
+class _Planted:
+    """Unpickling this writes a marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled!"))
+
+
+def _env(uri: str) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _medssl(uri: str, *args: str, cwd: Path) -> str:
+    p = subprocess.run([sys.executable, "-m", "medssl_scale.cli", *args], cwd=cwd, env=_env(uri), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_train_publish_pull_elsewhere_and_refuse_tampering(tmp_path):
+    from medssl_scale.train.checkpoint import fp32_state_dict
+
+    dataset = training_dataset(tmp_path / "data")
+    with mlflow_server(tmp_path) as uri:
+        _medssl(uri, "pretrain", "--config", str(TINY), "--no-progress", f"data.dataset={dataset}", "steps=3", cwd=tmp_path)
+        run_id = (tmp_path / "runs" / "dae-tiny" / "mlflow_run_id").read_text().strip()
+        out = _medssl(uri, "registry", "publish", "--run", run_id, "--name", "tiny-encoder", cwd=tmp_path)
+        assert "version 1" in out
+        _medssl(uri, "registry", "alias", "--name", "tiny-encoder", "--version", "1", "--alias", "champion", cwd=tmp_path)
+        listing = _medssl(uri, "registry", "list", cwd=tmp_path)
+        assert "tiny-encoder" in listing and "champion" in listing and "conv_ae" in listing
+
+        # Pulled by alias in a separate process: the trained weights, in eval mode; 4 input channels adapted.
+        script = tmp_path / "pull.py"
+        script.write_text(_PULL)
+        p = subprocess.run([sys.executable, str(script), "models:/tiny-encoder@champion", str(tmp_path / "pulled.pt")],
+                           env=_env(uri), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        got = json.loads(p.stdout.strip().splitlines()[-1])
+        assert got == {"type": "ConvEncoder", "training": False, "four_channels_agree": True, "in4": [8, 4, 2, 2, 2]}
+        trained = fp32_state_dict(tmp_path / "runs" / "dae-tiny" / "checkpoints" / "step-00000003")
+        pulled = torch.load(tmp_path / "pulled.pt")
+        assert set(pulled) == {k.removeprefix("net.") for k in trained if k.startswith(("net.patch_embed", "net.encoder"))}
+        for k, v in pulled.items():
+            torch.testing.assert_close(v, trained["net." + k], rtol=0, atol=0)
+
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(uri)
+        mv = client.get_model_version("tiny-encoder", "1")
+        assert mv.tags["medssl.objective"] == "dae" and mv.tags["medssl.source_run"] == run_id
+        assert len(mv.tags["medssl.dataset_manifest_sha256"]) == 64
+        assert set(mv.tags) >= {"medssl.sha256.encoder.safetensors", "medssl.sha256.encoder.json"}
+
+        # Wrong names say what is wrong.
+        with pytest.raises(EncoderLoadError, match="no registered model 'nope'.*registered: tiny-encoder"):
+            load_encoder("models:/nope@champion", tracking_uri=uri)
+        with pytest.raises(EncoderLoadError, match=r"no alias 'staging' \(aliases: champion -> 1\)"):
+            load_encoder("models:/tiny-encoder@staging", tracking_uri=uri)
+        with pytest.raises(EncoderLoadError, match="no version 7"):
+            load_encoder("models:/tiny-encoder/7", tracking_uri=uri)
+
+        # A pickle planted beside the published files is never opened.
+        (stored,) = (tmp_path / "server-artifacts").rglob("encoder/encoder.safetensors")
+        marker = tmp_path / "unpickled.txt"
+        for name in ("model.pkl", "encoder.pt", "pytorch_model.bin"):
+            (stored.parent / name).write_bytes(pickle.dumps(_Planted(marker)))
+        assert load_encoder("models:/tiny-encoder/1", tracking_uri=uri) is not None
+        assert not marker.exists()
+
+        # Bytes changed after publishing are refused, a pickle in place of the weights included.
+        original = stored.read_bytes()
+        stored.write_bytes(pickle.dumps(_Planted(marker)))
+        with pytest.raises(EncoderLoadError, match="encoder.safetensors does not match its recorded sha256"):
+            load_encoder("models:/tiny-encoder@champion", tracking_uri=uri)
+        assert not marker.exists()
+        stored.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(EncoderLoadError, match="does not match its recorded sha256"):
+            load_encoder("models:/tiny-encoder@champion", tracking_uri=uri)
+        stored.unlink()
+        with pytest.raises(EncoderLoadError, match="artifact encoder.safetensors is missing"):
+            load_encoder("models:/tiny-encoder@champion", tracking_uri=uri)
+
+
+def test_local_directory_and_strict_key_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    enc = build_encoder("conv_ae", channels=[4, 8])
+    fmt.write(enc, tmp_path / "enc")
+    back = load_encoder(tmp_path / "enc")
+    for (k, a), (_, b) in zip(enc.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+
+    # Weights saved with a DDP prefix and a renamed block: every wrong key is named.
+    state = {("module." + k if k.startswith("patch_embed") else k.replace("encoder.0", "blocks.0")): v
+             for k, v in load_file(str(tmp_path / "enc" / fmt.WEIGHTS)).items()}
+    save_file(state, str(tmp_path / "enc" / fmt.WEIGHTS))
+    (tmp_path / "enc" / fmt.HASHES).write_text(json.dumps({n: fmt.sha256(tmp_path / "enc" / n) for n in fmt.FILES}))
+    with pytest.raises(EncoderLoadError) as e:
+        load_encoder(tmp_path / "enc")
+    msg = str(e.value)
+    assert "missing keys (6): encoder.0.0.bias, encoder.0.0.weight" in msg and "patch_embed.bias" in msg
+    assert "unexpected keys (6): blocks.0.0.bias" in msg and "module.patch_embed.weight" in msg
+
+    with pytest.raises(EncoderLoadError, match="neither models:/NAME@ALIAS"):
+        load_encoder(tmp_path / "missing")
+
+
+def test_input_channel_adaptation_keeps_the_response():
+    enc = build_encoder("swin_unetr", feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3)).eval()
+    fresh = build_encoder("swin_unetr", in_channels=3, feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3)).eval()
+    state = fmt.adapt_input_channels(enc.state_dict(), fresh.state_dict(), 1, 3)
+    fmt.load_strict(fresh, state, "test")
+    changed = sorted(k for k in state if state[k].shape != enc.state_dict()[k].shape)
+    assert changed == ["encoder1.layer.conv1.conv.weight", "encoder1.layer.conv3.conv.weight", "swinViT.patch_embed.proj.weight"]
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(enc(x), fresh(x.repeat(1, 3, 1, 1, 1))):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
