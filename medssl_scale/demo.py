@@ -1,10 +1,17 @@
 """``medssl demo``: the main job end to end on embedded defaults (CPU, local files).
 
-Today: assemble a small mixed collection (real scans bundled with nibabel
-and pydicom, generated CT and MR phantoms with organ label maps written as
-NIfTI, DICOM series, NRRD and MHA, and a few broken files), ingest it and
-inspect the result with thumbnails. Later stages (pre-train, register,
-fine-tune) extend this command.
+1. assemble a small mixed collection: real scans bundled with nibabel and
+   pydicom, generated CT and MR phantoms (CT with organ label maps) written as
+   NIfTI, DICOM series, NRRD and MHA, and a few broken files;
+2. ingest it, inspect it (thumbnails), preview training crops;
+3. pre-train a tiny Disruptive Autoencoder with 2 ranks through the real launcher;
+4. publish its encoder as ``demo-encoder`` with alias ``champion``;
+5. pull it by alias and fine-tune it with 10% of the labels, against the same
+   network from scratch, and print the Dice table.
+
+Everything (collection, dataset, runs, the SQLite MLflow store and its
+artifacts) stays under ``--workdir``, so another process can pull
+``models:/demo-encoder@champion`` from it afterwards.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-CT_CASES, MR_CASES = 4, 2
+CT_CASES, MR_CASES = 10, 2  # 10 labelled CT patients: 6 train (10% of them: 1), 2 validation, 2 test
 
 
 def build_collection(root: Path) -> Path:
@@ -115,6 +122,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on a generated sample collection")
     p.add_argument("--workdir", type=Path, default=Path("demo-work"), help="where the collection, dataset and outputs go")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="pre-training ranks")
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning repeats per initialisation")
+    p.add_argument("--small", action="store_true", help="the smallest setting (the test suite's): few steps, one seed")
     p.set_defaults(func=main)
 
 
@@ -161,16 +173,59 @@ def main(args: argparse.Namespace) -> int:
     preview.main(argparse.Namespace(config=None, dataset=str(dataset), rows=6, out=work / "crops.png",
                                     overrides=["crop=32", "views.kind=pair", "labels=true"]))
 
-    console.rule("[b]5. pre-train (Disruptive Autoencoder, tiny, CPU)")
-    from medssl_scale.train.config import load_run_config
-    from medssl_scale.train.engine import train
+    if args.small:
+        args.pretrain_steps, args.finetune_steps, args.seeds = 20, 40, 1
+    runs = work / "runs"
+    uri = f"sqlite:///{(runs / 'mlruns.db').absolute()}"
 
-    run_cfg = load_run_config(TINY_CONFIG, [f"data.dataset={dataset}", f"workdir={work / 'runs'}"])
-    result = train(run_cfg, resume="auto")
-    console.print(f"{result['status']} at step {result['step']}: {result['run_dir']}")
+    console.rule(f"[b]5. pre-train (Disruptive Autoencoder, tiny, {args.nproc} ranks on CPU)")
+    overrides = [f"data.dataset={dataset}", f"workdir={runs}", f"steps={args.pretrain_steps}",
+                 f"checkpoint.every={args.pretrain_steps}", f"tracking.plot_every={max(args.pretrain_steps // 2, 1)}"]
+    code = _pretrain(args.nproc, overrides, runs)
+    if code != 0:
+        return code
+    run_id = (runs / "dae-tiny" / "mlflow_run_id").read_text().strip()
 
-    console.rule("[b]next")
-    console.print(f"dataset: {dataset}  (manifest.jsonl, volumes.zarr, labels.zarr, shards/)")
-    console.print(f"thumbnails: {work / 'thumbnails'};  training crops: {work / 'crops.png'}")
-    console.print(f"run: {result['run_dir']} (checkpoints, metrics.jsonl);  MLflow: mlflow ui --backend-store-uri sqlite:///{(work / 'runs' / 'mlruns.db').absolute()}")
+    console.rule("[b]6. publish the encoder")
+    from medssl_scale.registry import load_encoder, publish
+
+    mv = publish(run_id, "demo-encoder", alias="champion", tracking_uri=uri, description="medssl demo: tiny DAE encoder")
+    console.print(f"demo-encoder version {mv.version} (alias champion) from run {run_id}; "
+                  f"sha256 of encoder.safetensors {mv.tags['medssl.sha256.encoder.safetensors'][:16]}...")
+
+    console.rule("[b]7. pull it by alias and fine-tune with 10% of the labels")
+    encoder = load_encoder("models:/demo-encoder@champion", tracking_uri=uri)
+    console.print(f"pulled models:/demo-encoder@champion: {type(encoder).__name__}, "
+                  f"{sum(p.numel() for p in encoder.parameters()):,} parameters, features {encoder.feature_channels}")
+    from medssl_scale.downstream.finetune import FinetuneConfig, print_table
+    from medssl_scale.downstream.finetune import run as finetune
+    from medssl_scale.synth.phantoms import CT_CLASSES
+
+    ft = FinetuneConfig(dataset=str(dataset), encoder="models:/demo-encoder@champion", label_fraction=0.1, seeds=args.seeds,
+                        steps=args.finetune_steps, eval_every=max(args.finetune_steps // 4, 1), crop=32, modalities=["CT"],
+                        class_names=list(CT_CLASSES.values()), tracking_uri=uri, workdir=str(work / "finetune"))
+    table = finetune(ft, console)
+    print_table(table, console)
+
+    console.rule("[b]done")
+    pull = "import medssl_scale; print(medssl_scale.load_encoder('models:/demo-encoder@champion'))"
+    for line in (f"dataset: {dataset}  (manifest.jsonl, volumes.zarr, labels.zarr, shards/)",
+                 f"thumbnails: {work / 'thumbnails'};  training crops: {work / 'crops.png'}",
+                 f"pre-training run: {runs / 'dae-tiny'};  fine-tuning results: {work / 'finetune' / 'results.json'}",
+                 f"MLflow tracking URI: {uri}",
+                 f"  open the UI:  mlflow ui --backend-store-uri {uri}",
+                 f'  pull the encoder elsewhere:  MLFLOW_TRACKING_URI={uri} python -c "{pull}"'):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)  # whole lines: commands stay copyable
     return 0
+
+
+def _pretrain(nproc: int, overrides: list[str], runs: Path) -> int:
+    """The real launcher in a child process: torchrun, one process per rank."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the demo's own local store, under the workdir
+    cmd = [sys.executable, "-m", "medssl_scale.cli", "launch", "local", "--nproc", str(nproc), "--config", str(TINY_CONFIG), *overrides]
+    return subprocess.run(cmd, env=env).returncode

@@ -213,12 +213,22 @@ def test_a_tracking_outage_does_not_stop_training(dataset, tmp_path, monkeypatch
 
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path):
-    out = run("demo", "--workdir", str(tmp_path / "demo"), cwd=tmp_path, timeout=400)
+    """The README's main job, smallest setting: ingest, 2-rank pre-training, publish, pull by alias, fine-tune vs scratch."""
+    out = run("demo", "--workdir", str(tmp_path / "demo"), "--small", cwd=tmp_path, timeout=600)
     work = tmp_path / "demo"
-    assert "finished at step 20" in out
+    assert "finished at step 20 (2 rank(s))" in out
     assert (work / "crops.png").stat().st_size > 0 and any((work / "thumbnails").iterdir())
     assert (work / "runs" / "dae-tiny" / "checkpoints" / "step-00000020" / "COMPLETE").exists()
     assert len((work / "runs" / "dae-tiny" / "metrics.jsonl").read_text().splitlines()) == 20
+    assert "demo-encoder version 1 (alias champion)" in out and "pretrained" in out and "scratch" in out
+    table = json.loads((work / "finetune" / "results.json").read_text())
+    assert table["label_fraction"] == 0.1 and table["inits"] == ["pretrained", "scratch"] and table["rows"][0]["class"] == "liver"
+    uri = f"sqlite:///{(work / 'runs' / 'mlruns.db').absolute()}"
+    assert f"mlflow ui --backend-store-uri {uri}" in out
+    # Another process pulls the encoder from what the demo left behind.
+    p = subprocess.run([sys.executable, "-c", "import medssl_scale; print(type(medssl_scale.load_encoder('models:/demo-encoder@champion')).__name__)"],
+                       env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ConvEncoder"), p.stderr
 
 
 def test_two_nodes_through_torchrun(dataset, tmp_path):

@@ -1,0 +1,96 @@
+"""Fine-tuning: the split by patient, the segmentation network around an encoder, and a real fine-tuning run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sample_data import training_dataset
+
+from medssl_scale.data.catalog import Catalog
+from medssl_scale.downstream.model import SegmentationNet
+from medssl_scale.downstream.split import split_by_patient
+from medssl_scale.models import build_encoder
+from medssl_scale.registry import format as fmt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return training_dataset(tmp_path_factory.mktemp("finetune"))
+
+
+def test_split_is_by_patient_and_nested_across_label_fractions(dataset):
+    cat = Catalog.load(dataset, labelled_only=True)
+    patient = {v.volume_id: v.patient for v in cat.volumes}
+    full = split_by_patient(cat, 0.25, 0.25, 1.0)
+    few = split_by_patient(cat, 0.25, 0.25, 0.1)
+    assert few.test == full.test and few.val == full.val  # evaluation never depends on the label budget
+    assert set(few.train) <= set(full.train) and few.train_patients == 1 and full.train_patients == full.train_pool == 2
+    parts = [{patient[v] for v in part} for part in (full.train, full.val, full.test)]
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1:])  # no patient in two parts
+    assert split_by_patient(cat, 0.25, 0.25, 1.0) == full
+    with pytest.raises(ValueError, match="at least 3 are needed"):
+        split_by_patient(Catalog(cat.dataset, cat.volumes[:2]), 0.25, 0.25)
+
+
+@pytest.mark.parametrize("encoder", [{"name": "conv_ae", "channels": [4, 8, 16]},
+                                     {"name": "swin_unetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3]}])
+def test_segmentation_net_takes_the_encoder_as_it_is(encoder):
+    enc = build_encoder(**encoder)
+    net = SegmentationNet(enc, num_classes=3)
+    names = {k.removeprefix("encoder.") for k in net.state_dict() if k.startswith("encoder.")}
+    assert names == set(enc.state_dict())  # no key surgery: the encoder's own names under encoder.
+    x = torch.randn(2, 1, 64, 64, 64)
+    assert net(x).shape == (2, 3, 64, 64, 64)
+
+
+def _chance_dice(label: np.ndarray, k: int) -> np.ndarray:
+    """Expected Dice per foreground class of a uniformly random labelling."""
+    p = np.bincount(label.ravel(), minlength=k)[1:] / label.size
+    return 2 * p / k / (p + 1 / k)
+
+
+def test_finetune_beats_chance_and_is_tracked(dataset, tmp_path):
+    import mlflow
+
+    enc_dir = tmp_path / "encoder"
+    torch.manual_seed(0)
+    fmt.write(build_encoder("conv_ae", channels=[8, 16, 32]), enc_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run([sys.executable, "-m", "medssl_scale.cli", "finetune", "--encoder", str(enc_dir), "--data", str(dataset),
+                        "--label-fraction", "0.5", "--steps", "150", "--crop", "32", "--workdir", str(tmp_path / "ft"),
+                        "--class-names", "liver,spleen,kidney_left,kidney_right,spine,lungs", "eval_every=50", "val_fraction=0.25",
+                        "test_fraction=0.25"], env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "test Dice" in p.stdout and "pretrained" in p.stdout and "scratch" in p.stdout
+    table = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert table["inits"] == ["pretrained", "scratch"]
+    assert [r["class"] for r in table["rows"]] == ["liver", "spleen", "kidney_left", "kidney_right", "spine", "lungs", "mean"]
+
+    from medssl_scale.store.layout import DatasetDir
+    from medssl_scale.store.volumes import label_store
+
+    labels = label_store(DatasetDir(dataset))
+    chance = np.mean([_chance_dice(np.asarray(labels.read(v)), 7) for v in table["split"]["test"]], axis=0)
+    for init in table["inits"]:
+        dice = np.array([r[init]["mean"] for r in table["rows"][:-1]])
+        assert np.nanmean(dice) > 2 * chance.mean(), (init, dice, chance)
+        assert max(dice) > 0.5, (init, dice)  # the large structures (lungs, spine) are found
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'ft' / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("medssl-finetune")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 3  # the comparison and one run per (initialisation, seed)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.json", "results.md", "split.json", "plots"}
+    child = next(r for r in runs if r.data.tags.get("medssl.init") == "pretrained")
+    assert "test_dice.mean" in child.data.metrics and len(client.get_metric_history(child.info.run_id, "loss")) == 150
