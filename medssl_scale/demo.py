@@ -131,12 +131,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import os
+
     from rich.console import Console
 
     from ingest.cli import execute as ingest
     from ingest.runner import IngestConfig
     from medssl_scale.inspect import execute as inspect
 
+    # The demo's own progress bars say enough; MLflow's per-download bars for three small files do not.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     console = Console()
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -144,8 +148,9 @@ def main(args: argparse.Namespace) -> int:
     if not secret.exists():  # a demo-local secret: the user's real one stays untouched
         import secrets
 
-        secret.write_text(secrets.token_hex(32) + "\n")
-        secret.chmod(0o600)
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
 
     console.rule("[b]1. sample collection")
     collection = build_collection(work / "collection")
@@ -181,6 +186,8 @@ def main(args: argparse.Namespace) -> int:
     console.rule(f"[b]5. pre-train (Disruptive Autoencoder, tiny, {args.nproc} ranks on CPU)")
     overrides = [f"data.dataset={dataset}", f"workdir={runs}", f"steps={args.pretrain_steps}",
                  f"checkpoint.every={args.pretrain_steps}", f"tracking.plot_every={max(args.pretrain_steps // 2, 1)}"]
+    if not args.small:  # twice the width of the test model: enough to find organs from one labelled patient
+        overrides.append("objectives.dae.model.channels=[16,32,64]")
     code = _pretrain(args.nproc, overrides, runs)
     if code != 0:
         return code

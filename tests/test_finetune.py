@@ -41,6 +41,26 @@ def test_split_is_by_patient_and_nested_across_label_fractions(dataset):
         split_by_patient(Catalog(cat.dataset, cat.volumes[:2]), 0.25, 0.25)
 
 
+def test_split_keeps_every_patient_in_its_part_as_the_dataset_grows(dataset):
+    from medssl_scale.data.catalog import VolumeInfo
+
+    def catalog(n: int) -> Catalog:
+        vols = tuple(VolumeInfo(f"v{i:04d}", "CT", (8, 8, 8), (1.0, 1.0, 1.0), f"pat-{i}", True) for i in range(n))
+        return Catalog(Catalog.load(dataset).dataset, vols)
+
+    def parts(n: int) -> dict[str, str]:
+        sp = split_by_patient(catalog(n), 0.2, 0.2)
+        return {v: name for name in ("train", "val", "test") for v in getattr(sp, name)}
+
+    small, large = parts(60), parts(400)
+    assert all(large[v] == part for v, part in small.items())  # nobody moves between test and training
+    share = {name: sum(p == name for p in large.values()) / 400 for name in ("train", "val", "test")}
+    assert 0.14 < share["test"] < 0.26 and 0.14 < share["val"] < 0.26
+    for n in range(3, 12):  # tiny sets still get every part
+        sp = split_by_patient(catalog(n), 0.2, 0.2)
+        assert sp.train and sp.val and sp.test and len(sp.train) + len(sp.val) + len(sp.test) == n
+
+
 @pytest.mark.parametrize("encoder", [{"name": "conv_ae", "channels": [4, 8, 16]},
                                      {"name": "swin_unetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3]}])
 def test_segmentation_net_takes_the_encoder_as_it_is(encoder):
@@ -69,7 +89,7 @@ def test_finetune_beats_chance_and_is_tracked(dataset, tmp_path):
     p = subprocess.run([sys.executable, "-m", "medssl_scale.cli", "finetune", "--encoder", str(enc_dir), "--data", str(dataset),
                         "--label-fraction", "0.5", "--steps", "150", "--crop", "32", "--workdir", str(tmp_path / "ft"),
                         "--class-names", "liver,spleen,kidney_left,kidney_right,spine,lungs", "eval_every=50", "val_fraction=0.25",
-                        "test_fraction=0.25"], env=env, capture_output=True, text=True, timeout=400)
+                        "test_fraction=0.25"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "test Dice" in p.stdout and "pretrained" in p.stdout and "scratch" in p.stdout
     table = json.loads((tmp_path / "ft" / "results.json").read_text())
@@ -86,7 +106,8 @@ def test_finetune_beats_chance_and_is_tracked(dataset, tmp_path):
         assert np.nanmean(dice) > 2 * chance.mean(), (init, dice, chance)
         assert max(dice) > 0.5, (init, dice)  # the large structures (lungs, spine) are found
 
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'ft' / 'mlruns.db'}")
+    # With no URI given, the same local store as pretrain and registry use: ./runs/mlruns.db.
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}")
     exp = client.get_experiment_by_name("medssl-finetune")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 3  # the comparison and one run per (initialisation, seed)

@@ -90,6 +90,12 @@ def test_train_publish_pull_elsewhere_and_refuse_tampering(tmp_path):
         assert len(mv.tags["medssl.dataset_manifest_sha256"]) == 64
         assert set(mv.tags) >= {"medssl.sha256.encoder.safetensors", "medssl.sha256.encoder.json"}
 
+        # A copy for a machine without registry access loads as a directory.
+        _medssl(uri, "registry", "pull", "models:/tiny-encoder@champion", "--out", str(tmp_path / "copy"), cwd=tmp_path)
+        copy = load_encoder(tmp_path / "copy")
+        for k, v in copy.state_dict().items():
+            torch.testing.assert_close(v, pulled[k], rtol=0, atol=0)
+
         # Wrong names say what is wrong.
         with pytest.raises(EncoderLoadError, match="no registered model 'nope'.*registered: tiny-encoder"):
             load_encoder("models:/nope@champion", tracking_uri=uri)

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, help="cubic crop (and sliding-window) size; a multiple of the encoder's coarsest stride")
     p.add_argument("--class-names", help="comma-separated names of classes 1..K-1")
     p.add_argument("--tracking-uri", help="MLflow URI for the registry and the fine-tuning runs (default: MLFLOW_TRACKING_URI, "
-                                          "else WORKDIR/mlruns.db)")
+                                          "else runs/mlruns.db, as pretrain and registry)")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--config", type=Path, help="YAML with any FinetuneConfig settings; flags and overrides win")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. lr=3e-4 eval_every=50")

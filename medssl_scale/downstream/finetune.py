@@ -54,7 +54,7 @@ class FinetuneConfig(BaseModel):
     sw_batch_size: int = Field(4, ge=1)
     normalize: Normalize = Normalize()
     experiment: str = "medssl-finetune"
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else WORKDIR/mlruns.db
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else runs/mlruns.db (where pretrain and registry default to)
     workdir: str = "finetune"
 
     _s3 = field_validator("crop", mode="before")(_size3)
@@ -96,23 +96,36 @@ class _Volumes:
         return max(int(np.asarray(self.labels.read(v)).max()) for v in ids)
 
 
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(net: nn.Module, volumes: _Volumes, ids: tuple[str, ...], num_classes: int) -> np.ndarray:
-    """Dice per foreground class and volume, [V, K-1]; NaN where a class is absent from both prediction and truth."""
+    """Dice per foreground class and volume, [V, K-1]; NaN only where a class is absent from both prediction and truth.
+
+    A class predicted where the truth has none scores 0 (MONAI's ``ignore_empty``
+    would make it NaN, leaving false positives unpunished).
+    """
     from monai.inferers import sliding_window_inference
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
 
     net.eval()
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=num_classes)
+    dev = next(net.parameters()).device
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False, num_classes=num_classes)
     rows = []
     for vid in ids:
         x, y = volumes.get(vid)
+        # Windows run on the network's device; the whole-volume logits stay in host memory.
         logits = sliding_window_inference(torch.from_numpy(x)[None, None], volumes.cfg.crop, volumes.cfg.sw_batch_size, net,
-                                          overlap=volumes.cfg.overlap, mode="gaussian")
-        pred = logits.argmax(1, keepdim=True)
-        truth = torch.from_numpy(y)[None, None]
-        rows.append(metric(one_hot(pred, num_classes), one_hot(truth, num_classes))[0].numpy())
+                                          overlap=volumes.cfg.overlap, mode="gaussian", sw_device=dev, device="cpu")
+        pred = one_hot(logits.argmax(1, keepdim=True), num_classes)
+        truth = one_hot(torch.from_numpy(y)[None, None], num_classes)
+        dice = metric(pred, truth)[0].numpy().astype(np.float64)
+        both_empty = ((pred[0, 1:].sum(dim=(1, 2, 3)) == 0) & (truth[0, 1:].sum(dim=(1, 2, 3)) == 0)).numpy()
+        dice[both_empty] = np.nan
+        rows.append(dice)
     net.train()
     return np.stack(rows)
 
@@ -148,7 +161,8 @@ def train_one(cfg: FinetuneConfig, split: Split, volumes: _Volumes, encoder: nn.
     from medssl_scale.train.schedule import warmup_cosine
 
     torch.manual_seed(seed)
-    net = SegmentationNet(encoder, num_classes)
+    dev = _device()
+    net = SegmentationNet(encoder, num_classes).to(dev)
     enc_params = list(net.encoder.parameters())
     if cfg.encoder_lr_scale == 0:
         for p in enc_params:
@@ -164,7 +178,7 @@ def train_one(cfg: FinetuneConfig, split: Split, volumes: _Volumes, encoder: nn.
     best, best_dice, history = None, -1.0, []
     net.train()
     for step in range(1, cfg.steps + 1):
-        x, y = next(batches)
+        x, y = (t.to(dev, non_blocking=True) for t in next(batches))
         loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,12 +211,12 @@ def run(cfg: FinetuneConfig, console: Any = None) -> dict[str, Any]:
     from medssl_scale.data.catalog import Catalog
     from medssl_scale.models import build_encoder
     from medssl_scale.registry import load_encoder
-    from medssl_scale.train.tracking import tracking_uri
+    from medssl_scale.train.tracking import redact, tracking_uri
 
     console = console or Console()
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    uri = cfg.tracking_uri or tracking_uri(workdir)
+    uri = cfg.tracking_uri or tracking_uri(Path("runs"))
     catalog = Catalog.load(cfg.dataset, tuple(cfg.modalities) if cfg.modalities else None, labelled_only=True)
     split = split_by_patient(catalog, cfg.val_fraction, cfg.test_fraction, cfg.label_fraction)
     volumes = _Volumes(cfg, catalog)
@@ -211,21 +225,26 @@ def run(cfg: FinetuneConfig, console: Any = None) -> dict[str, Any]:
     names += [f"class {k}" for k in range(len(names) + 1, num_classes)]
     pretrained = load_encoder(cfg.encoder, tracking_uri=uri) if cfg.encoder else None
     architecture = dict(pretrained.config) if pretrained is not None else dict(cfg.architecture or {})
+    probe = pretrained if pretrained is not None else build_encoder(**architecture)
+    multiple = probe.feature_strides[-1]
+    if any(c % multiple for c in cfg.crop):
+        raise ValueError(f"crop {tuple(cfg.crop)} must divide by {multiple}, the coarsest stride of the {architecture.get('name')} encoder")
     console.print(f"split by patient: {split.train_patients} of {split.train_pool} training patients labelled "
-                  f"({len(split.train)} volumes), {len(split.val)} validation and {len(split.test)} test volumes; "
+                  f"({len(split.train)} volume(s)), {len(split.val)} validation and {len(split.test)} test volumes; "
                   f"{num_classes - 1} classes")
 
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
         local = uri.startswith("sqlite:")
-        mlflow.create_experiment(cfg.experiment, artifact_location=(workdir / "mlartifacts").absolute().as_uri() if local else None)
+        store = Path(uri.removeprefix("sqlite:///")).parent
+        mlflow.create_experiment(cfg.experiment, artifact_location=(store / "mlartifacts").absolute().as_uri() if local else None)
     mlflow.set_experiment(cfg.experiment)
     results: dict[str, list[list[float]]] = {init: [] for init in _inits(cfg)}
     total = len(results) * cfg.seeds * cfg.steps
     with mlflow.start_run(run_name=f"finetune {cfg.encoder or architecture.get('name')} {cfg.label_fraction:g}") as parent, \
             Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(),
                      console=console, transient=True) as bar:
-        mlflow.log_params({k: str(v)[:500] for k, v in cfg.model_dump(mode="json").items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in cfg.model_dump(mode="json", exclude={"tracking_uri"}).items()})
         mlflow.log_dict(split.as_dict(), "split.json")
         task = bar.add_task("fine-tuning", total=total)
         for seed in range(cfg.seeds):
@@ -245,7 +264,7 @@ def run(cfg: FinetuneConfig, console: Any = None) -> dict[str, Any]:
                 results[init].append(out["test_dice"])
         table = summarise(results, names)
         table.update({"split": split.as_dict(), "label_fraction": cfg.label_fraction, "seeds": cfg.seeds, "encoder": cfg.encoder,
-                      "tracking_uri": uri, "mlflow_run_id": parent.info.run_id})
+                      "tracking_uri": redact(uri), "mlflow_run_id": parent.info.run_id})
         mlflow.log_dict(table, "results.json")
         mlflow.log_text(markdown(table), "results.md")
         _plot(table)

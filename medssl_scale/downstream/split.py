@@ -1,11 +1,16 @@
 """A deterministic train / validation / test split of labelled volumes by pseudonymous patient.
 
-Patients are ordered by a hash of their id, so the split depends on the set
-of patients only (not on ingest order, not on the fine-tuning seed), and a
-patient's volumes never straddle two parts. The labelled fraction of the
-training patients is a prefix of their hash order too: 10% of the labels is
-a subset of 20%, and the test set is the same for every fraction and seed.
-Volumes without a patient id count as their own patient.
+Each patient falls in a part by a hash of its id mapped to [0, 1): below
+``test`` is test, below ``test + val`` validation, the rest training. So the
+split depends on the patient alone (not on ingest order, the fine-tuning seed,
+or which other patients exist): a dataset that grows keeps every earlier
+patient where it was, and a patient's volumes never straddle two parts. Small
+sets where chance leaves the test or validation part empty get the training
+patients nearest the boundary moved in (then, and only then, adding patients
+can move those). The labelled fraction of the training patients is a prefix
+of another hash order: 10% of the labels is a subset of 20%, and the test
+set is the same for every fraction and seed. Volumes without a patient id
+count as their own patient.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ class Split:
         return dataclasses.asdict(self)
 
 
-def _order(key: str, salt: str) -> str:
-    return hashlib.blake2b(f"{salt}/{key}".encode(), digest_size=8).hexdigest()
+def _unit(key: str, salt: str) -> float:
+    """A patient's place in [0, 1), from its id alone."""
+    return int.from_bytes(hashlib.blake2b(f"{salt}/{key}".encode(), digest_size=8).digest(), "big") / 2.0**64
 
 
 def split_by_patient(catalog: Catalog, val: float = 0.2, test: float = 0.2, label_fraction: float = 1.0, salt: str = "medssl-split") -> Split:
@@ -41,15 +47,22 @@ def split_by_patient(catalog: Catalog, val: float = 0.2, test: float = 0.2, labe
     by: dict[str, list[str]] = {}
     for v in catalog.volumes:
         by.setdefault(v.patient or f"volume:{v.volume_id}", []).append(v.volume_id)
-    patients = sorted(by, key=lambda p: _order(p, salt))
-    n = len(patients)
-    n_test = max(1, round(test * n))
-    n_val = max(1, round(val * n)) if val > 0 else 0
-    if n - n_test - n_val < 1:
-        raise ValueError(f"{n} labelled patient(s) cannot make a train/validation/test split; "
-                         "at least 3 are needed (ingest more labelled volumes)")
-    test_p, val_p, train_p = patients[:n_test], patients[n_test:n_test + n_val], patients[n_test + n_val:]
-    train_p = sorted(train_p, key=lambda p: _order(p, salt + "/labels"))
+    if len(by) < (3 if val > 0 else 2):
+        raise ValueError(f"{len(by)} labelled patient(s) cannot make a train/validation/test split; "
+                         f"at least {3 if val > 0 else 2} are needed (ingest more labelled volumes)")
+    u = {p: _unit(p, salt) for p in by}
+    test_p = [p for p in by if u[p] < test]
+    val_p = [p for p in by if test <= u[p] < test + val]
+    train_p = sorted((p for p in by if u[p] >= test + val), key=u.get)
+    # Tiny sets: chance may leave a part empty; fill it from the training patients nearest its boundary.
+    if not test_p:
+        test_p.append(train_p.pop(0) if train_p else val_p.pop(0))
+    if val > 0 and not val_p:
+        val_p.append(train_p.pop(0))
+    if not train_p:
+        train_p.append(max(val_p, key=u.get) if len(val_p) > 1 else max(test_p, key=u.get))
+        (val_p if train_p[0] in val_p else test_p).remove(train_p[0])
+    train_p = sorted(train_p, key=lambda p: _unit(p, salt + "/labels"))
     labelled = train_p[:max(1, math.floor(label_fraction * len(train_p) + 1e-9))]
 
     def ids(ps: list[str]) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ argument, else ``MLFLOW_TRACKING_URI``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -18,13 +19,31 @@ import torch.nn as nn
 from medssl_scale.registry import format as fmt
 from medssl_scale.registry.format import EncoderLoadError
 
-__all__ = ["EncoderLoadError", "load_encoder", "publish", "listing"]
+__all__ = ["EncoderLoadError", "fetch", "listing", "load_encoder", "publish", "pull"]
 
-_MODELS_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
+_MODELS_URI = re.compile(r"models:/(?P<name>[\w.\- ]+)(?:@(?P<alias>[\w\-]+)|/(?P<version>[0-9]+))", re.ASCII)
 
 
 def load_encoder(uri: str | Path, in_channels: int | None = None, tracking_uri: str | None = None) -> nn.Module:
     """The published encoder behind ``uri``, ready to use (eval mode; ``in_channels`` adapts the first layers)."""
+    blobs, where = fetch(uri, tracking_uri)
+    return fmt.read(blobs, where, in_channels)
+
+
+def pull(uri: str, out: Path, tracking_uri: str | None = None) -> Path:
+    """Copy a published encoder's checked files to the directory ``out`` (for machines without registry access)."""
+    blobs, _ = fetch(uri, tracking_uri)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in blobs.items():
+        tmp = out / (name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(out / name)
+    (out / fmt.HASHES).write_text(json.dumps({n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()}, indent=1) + "\n")
+    return out
+
+
+def fetch(uri: str | Path, tracking_uri: str | None = None) -> tuple[dict[str, bytes], str]:
+    """The bytes of a published encoder's files, each checked against its recorded sha256, and a name for messages."""
     text = str(uri)
     if not text.startswith("models:"):
         directory = Path(text)
@@ -35,7 +54,7 @@ def load_encoder(uri: str | Path, in_channels: int | None = None, tracking_uri: 
             expected = json.loads(hashes_file.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise EncoderLoadError(f"{directory}: {fmt.HASHES} is missing or unreadable: {e}") from None
-        return fmt.read(fmt.verify(directory, expected, str(directory)), str(directory), in_channels)
+        return fmt.verify(directory, expected, str(directory)), str(directory)
 
     m = _MODELS_URI.fullmatch(text)
     if not m:
@@ -43,6 +62,7 @@ def load_encoder(uri: str | Path, in_channels: int | None = None, tracking_uri: 
     import mlflow
 
     from medssl_scale.registry.publish import client, recorded_hashes
+    from medssl_scale.train.tracking import redact
 
     c = client(tracking_uri)
     name = m["name"]
@@ -50,7 +70,7 @@ def load_encoder(uri: str | Path, in_channels: int | None = None, tracking_uri: 
         c.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         known = sorted(r.name for r in c.search_registered_models())
-        raise EncoderLoadError(f"{text}: no registered model {name!r} at {c.tracking_uri}; registered: {', '.join(known) or 'none'}") from None
+        raise EncoderLoadError(f"{text}: no registered model {name!r} at {redact(c.tracking_uri)}; registered: {', '.join(known) or 'none'}") from None
     try:
         mv = c.get_model_version_by_alias(name, m["alias"]) if m["alias"] else c.get_model_version(name, m["version"])
     except mlflow.exceptions.MlflowException:
@@ -59,13 +79,19 @@ def load_encoder(uri: str | Path, in_channels: int | None = None, tracking_uri: 
         aliases = ", ".join(f"{a} -> {v}" for a, v in sorted((rm.aliases or {}).items())) or "none"
         raise EncoderLoadError(f"{text}: model {name!r} has no {what} (aliases: {aliases})") from None
     where = f"{text} (version {mv.version})"
-    expected = recorded_hashes(mv.tags)
     with tempfile.TemporaryDirectory(prefix="medssl-pull-") as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp, tracking_uri=c.tracking_uri))
-        except Exception as e:  # noqa: BLE001 - any store failure, said with the model's name
-            raise EncoderLoadError(f"{where}: its artifacts at {mv.source} could not be downloaded: {e}") from None
-        return fmt.read(fmt.verify(local, expected, where), where, in_channels)
+        local = Path(tmp)
+        for name in fmt.FILES:  # only the format's files come down, whatever else sits at the source
+            try:
+                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source.rstrip('/')}/{name}", dst_path=tmp,
+                                                               tracking_uri=c.tracking_uri))
+            except Exception as e:  # noqa: BLE001 - any store failure, said with the model's name
+                if "exist" in str(e).lower() or "not found" in str(e).lower():
+                    raise EncoderLoadError(f"{where}: artifact {name} is missing") from None
+                raise EncoderLoadError(f"{where}: artifact {name} at {mv.source} could not be downloaded: {e}") from None
+            if got != local / name:
+                (local / name).write_bytes(got.read_bytes())
+        return fmt.verify(local, recorded_hashes(mv.tags), where), where
 
 
 def publish(*args, **kwargs):

@@ -32,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where(q)
     q.set_defaults(func=_alias)
 
+    q = rs.add_parser("pull", help="copy a published encoder to a directory (hashes checked), for machines without registry access")
+    q.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    q.add_argument("--out", type=Path, required=True)
+    where(q)
+    q.set_defaults(func=_pull)
+
     q = rs.add_parser("list", help="registered encoders: versions, aliases, provenance")
     q.add_argument("--name", help="only this model")
     where(q)
@@ -48,6 +54,7 @@ def _publish(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from medssl_scale.registry.publish import publish
+    from medssl_scale.train.tracking import redact
 
     uri = resolve_uri(args)
     try:
@@ -57,7 +64,19 @@ def _publish(args: argparse.Namespace) -> int:
         return 2
     ref = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{mv.version}"
     Console().print(f"registered {args.name} version {mv.version} from run {args.run}: load it with "
-                    f"medssl_scale.load_encoder({ref!r}) (MLFLOW_TRACKING_URI={uri})")
+                    f"medssl_scale.load_encoder({ref!r}) (MLFLOW_TRACKING_URI={redact(uri)})")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from medssl_scale.registry import EncoderLoadError, pull
+
+    try:
+        out = pull(args.uri, args.out, resolve_uri(args))
+    except EncoderLoadError as e:
+        print(f"medssl registry pull: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.uri} -> {out} (load it with medssl_scale.load_encoder({str(out)!r}))")
     return 0
 
 
@@ -76,7 +95,9 @@ def _list(args: argparse.Namespace) -> int:
     from medssl_scale.registry.publish import listing
 
     rows = listing(resolve_uri(args), args.name)
-    t = Table(title=f"registered encoders ({resolve_uri(args)})")
+    from medssl_scale.train.tracking import redact
+
+    t = Table(title=f"registered encoders ({redact(resolve_uri(args))})")
     for col in ("name", "version", "aliases", "objective", "architecture", "source run", "dataset manifest", "created"):
         t.add_column(col)
     for r in rows:

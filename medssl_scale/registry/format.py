@@ -64,15 +64,17 @@ def write(encoder: nn.Module, out: Path, source: dict[str, Any] | None = None) -
 
 
 def verify(directory: Path, expected: dict[str, str], where: str) -> dict[str, bytes]:
-    """The bytes of every published file, each checked against its recorded sha256; files nobody recorded are never read.
+    """The bytes of the published files, each checked against its recorded sha256.
 
-    The bytes that were hashed are the bytes that get parsed: nothing can change between the check and the load.
+    Only the format's own files are ever opened, whatever else the record or
+    the directory holds; the bytes that were hashed are the bytes that get
+    parsed, so nothing can change between the check and the load.
     """
-    for name in FILES:
-        if name not in expected:
-            raise EncoderLoadError(f"{where}: no recorded sha256 for {name}: not a medssl encoder, or published without hashes")
     blobs = {}
-    for name, want in expected.items():
+    for name in FILES:
+        want = expected.get(name)
+        if not want:
+            raise EncoderLoadError(f"{where}: no recorded sha256 for {name}: not a medssl encoder, or published without hashes")
         path = directory / name
         if not path.is_file():
             raise EncoderLoadError(f"{where}: artifact {name} is missing")
@@ -81,7 +83,7 @@ def verify(directory: Path, expected: dict[str, str], where: str) -> dict[str, b
         if got != want:
             raise EncoderLoadError(f"{where}: artifact {name} does not match its recorded sha256 "
                                    f"(recorded {want[:12]}..., found {got[:12]}...): it changed after publishing; refusing to load it")
-    extra = sorted(p.name for p in directory.iterdir() if p.name not in expected and p.name != HASHES)
+    extra = sorted(p.name for p in directory.iterdir() if p.name not in FILES and p.name != HASHES)
     if extra:
         log.warning("%s: ignoring files that were not published with the encoder: %s", where, ", ".join(extra))
     return blobs

@@ -46,12 +46,13 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
     from medssl_scale.objectives import build_objective
     from medssl_scale.train.checkpoint import fp32_state_dict
     from medssl_scale.train.config import RunConfig
+    from medssl_scale.train.tracking import redact
 
     c = client(tracking_uri)
     try:
         run = c.get_run(run_id)
     except mlflow.exceptions.MlflowException as e:
-        raise ValueError(f"no run {run_id!r} at {c.tracking_uri}: {e.message}") from None
+        raise ValueError(f"no run {run_id!r} at {redact(c.tracking_uri)}: {e.message}") from None
     ckpt_path = _final_checkpoint(c, run_id)
     with tempfile.TemporaryDirectory(prefix="medssl-publish-") as tmp:
         tmp = Path(tmp)
@@ -100,7 +101,8 @@ def listing(tracking_uri: str | None = None, name: str | None = None) -> list[di
         aliases_of: dict[str, list[str]] = {}
         for alias, version in (m.aliases or {}).items():
             aliases_of.setdefault(str(version), []).append(alias)
-        for mv in c.search_model_versions(f"name='{m.name}'"):
+        quoted = m.name.replace("'", "\\'")
+        for mv in c.search_model_versions(f"name='{quoted}'"):
             rows.append({"name": m.name, "version": int(mv.version), "aliases": sorted(aliases_of.get(str(mv.version), [])),
                          "run_id": mv.run_id, "created": mv.creation_timestamp, "tags": dict(mv.tags)})
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))

@@ -19,10 +19,22 @@ from medssl_scale.train.config import RunConfig
 
 RUN_ID_FILE = "mlflow_run_id"
 log = logging.getLogger(__name__)
+MAX_PENDING = 100_000  # steps of metrics held through a tracking outage
 
 
 def tracking_uri(workdir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlruns.db').absolute()}"
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a password, for anything printed or logged (database URIs carry credentials)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -87,17 +99,31 @@ class Tracker:
                                     log_system_metrics=True)
         id_file.write_text(self.run.info.run_id + "\n")
         self.run_id = self.run.info.run_id
-        mlflow.set_tags({"medssl.objective": ",".join(cfg.objectives), "medssl.dataset": str(cfg.data.dataset),
-                         "medssl.dataset_manifest_sha256": _manifest_sha256(cfg.data.dataset)})
-        if run_id is None:
-            mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
-            mlflow.log_artifact(str(cfg.run_dir / "config.yaml"))
+        try:
+            manifest = _manifest_sha256(cfg.data.dataset)
+            if run_id is None:
+                mlflow.set_tags({"medssl.objective": ",".join(cfg.objectives), "medssl.dataset": str(cfg.data.dataset),
+                                 "medssl.dataset_manifest_sha256": manifest})
+                mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
+                mlflow.log_artifact(str(cfg.run_dir / "config.yaml"))
+            else:
+                # The provenance is what the run started on; a changed dataset is said, not silently recorded over.
+                was = self.run.data.tags.get("medssl.dataset_manifest_sha256")
+                if was and was != manifest:
+                    log.warning("the dataset's manifest changed since this run started (%s... then, %s... now); "
+                                "the run keeps its first record", was[:12], manifest[:12])
+                    mlflow.set_tag("medssl.dataset_manifest_changed_on_resume", manifest)
+        except BaseException:
+            mlflow.end_run("FAILED")  # not left open for MLflow's exit hook to mark FINISHED
+            raise
 
     def metrics(self, step: int, record: dict[str, Any]) -> None:
         self.history.append(record)
         if not self.enabled:
             return
         self._pending.append((step, {k: float(v) for k, v in record.items() if k != "step"}))
+        if len(self._pending) > MAX_PENDING:  # a long outage: memory stays bounded; metrics.jsonl has every step
+            del self._pending[: len(self._pending) - MAX_PENDING]
         if len(self._pending) >= 20:
             self.flush()
 
@@ -124,7 +150,12 @@ class Tracker:
         """Loss curves so far and a few mid-slices of input, disrupted input and reconstruction, as PNG artifacts."""
         if not self.enabled:
             return
-        self._guard("plots", lambda: self._plots(step, visuals))
+        try:
+            self._guard("plots", lambda: self._plots(step, visuals))
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close("all")  # a failed upload must not leave its figures behind, outage after outage
 
     def _plots(self, step: int, visuals: dict[str, Any] | None) -> None:
         import matplotlib
@@ -161,7 +192,19 @@ class Tracker:
         self.flush()
         if self._pending:
             log.warning("%d step(s) of metrics could not reach MLflow; they are in the run's metrics.jsonl", len(self._pending))
-        if checkpoint is not None:
-            self._guard("final checkpoint", lambda: self.mlflow.log_artifacts(str(checkpoint), artifact_path=f"checkpoint/{checkpoint.name}"))
+        if checkpoint is not None and not self._guard("final checkpoint", lambda: self._upload_checkpoint(checkpoint)):
+            self._guard("status", lambda: self.mlflow.set_tag("medssl.checkpoint_upload", "failed: publish needs it; rerun to upload"))
         self._guard("status", lambda: self.mlflow.set_tag("medssl.status", status))
-        self._guard("end of run", lambda: self.mlflow.end_run("FINISHED" if status == "finished" else "KILLED"))
+        end = {"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
+        self._guard("end of run", lambda: self.mlflow.end_run(end))
+
+    def _upload_checkpoint(self, checkpoint: Path) -> None:
+        """Every file, then the COMPLETE marker: an upload cut short is never taken for a checkpoint."""
+        from medssl_scale.train.checkpoint import MARKER
+
+        dest = f"checkpoint/{checkpoint.name}"
+        for path in sorted(checkpoint.rglob("*")):
+            if path.is_file() and path.name != MARKER:
+                rel = path.parent.relative_to(checkpoint)
+                self.mlflow.log_artifact(str(path), artifact_path=dest if rel == Path(".") else f"{dest}/{rel.as_posix()}")
+        self.mlflow.log_artifact(str(checkpoint / MARKER), artifact_path=dest)
