@@ -157,15 +157,14 @@ torch.save({"loss": loss.detach(), "grad": z.grad}, sys.argv[1] + f"/rank{r}.pt"
 def test_contrastive_loss_over_ranks_equals_one_big_batch(tmp_path):
     """Each rank holds crops [0,1] / [1,0]: alone, no rank has a positive pair; gathered, all do."""
     import os
-    import socket
     import subprocess
     import sys
 
+    from ports import free_port
+
     script = tmp_path / "worker.py"
     script.write_text(_GATHER_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for r in range(2)]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from ports import free_port
 from sample_data import reshard, training_dataset
 
 from medssl_scale.data import Catalog, EpochPlan, PlanSampler
@@ -17,14 +17,8 @@ from medssl_scale.data import Catalog, EpochPlan, PlanSampler
 HERE = Path(__file__).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(out: Path, scenarios: dict, world: int = 2, timeout: float = 240) -> dict:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow_server import free_port, mlflow_server
+from mlflow_server import mlflow_server
+from ports import free_port
 from sample_data import training_dataset
 
 from medssl_scale.train.config import load_run_config
@@ -233,11 +234,7 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
 
 def test_two_nodes_through_torchrun(dataset, tmp_path):
     """Two torchrun launchers on 127.0.0.1 (--nnodes 2, one process each), as two pods would run them."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}", "--nproc-per-node=1",
                                "--master-addr=127.0.0.1", f"--master-port={port}", str(ROOT / "launchers" / "rank.py"),

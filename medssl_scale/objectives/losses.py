@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,7 +48,11 @@ def gather_from_ranks(features: torch.Tensor, *labels: torch.Tensor) -> tuple[to
         return (features, *labels)
     from torch.distributed.nn.functional import all_gather
 
-    out = [torch.cat(all_gather(features))]
+    with warnings.catch_warnings():
+        # Its suggested successor (functional collectives' autograd all-gather) needs reduce-scatter
+        # in the backward, which gloo lacks; this one falls back to all-to-all there.
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+        out = [torch.cat(all_gather(features))]
     for t in labels:
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, t.contiguous())
