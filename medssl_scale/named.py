@@ -28,6 +28,11 @@ class Registry(Generic[T]):
             raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._makers[name](**config)
 
+    def get(self, name: str) -> Callable[..., T]:
+        if name not in self._makers:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+        return self._makers[name]
+
     def check(self, name: str, **config: Any) -> None:
         """Raise ValueError if ``build(name, **config)`` would be refused for its settings, without building anything.
 

@@ -40,4 +40,12 @@ def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return reference.downsample(x, factor)
 
 
-__all__ = ["BACKENDS", "channel_mask", "downsample", "gaussian_noise"]
+def patch_swap(x: torch.Tensor, patch: int, swaps: int, seed: int) -> torch.Tensor:
+    return reference.patch_swap(x, patch, swaps, seed)
+
+
+def gamma(x: torch.Tensor, log_std: float, seed: int) -> torch.Tensor:
+    return reference.gamma(x, log_std, seed)
+
+
+__all__ = ["BACKENDS", "channel_mask", "downsample", "gamma", "gaussian_noise", "patch_swap"]

@@ -70,3 +70,35 @@ def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     size = x.shape[2:]
     small = F.interpolate(x, size=[max(1, s // factor) for s in size], mode="nearest")
     return F.interpolate(small, size=list(size), mode="nearest")
+
+
+def patch_swap(x: torch.Tensor, patch: int, swaps: int, seed: int) -> torch.Tensor:
+    """Swap ``swaps`` pairs of random ``patch``^3 cubes inside each sample of ``x`` [B, C, D, H, W] (PCRLv2's RandomSwap disruption).
+
+    Pairs are drawn one after the other, each from the volume as the earlier
+    swaps left it (torchio's order); a cube larger than the volume is clipped to it.
+    """
+    if swaps <= 0 or patch <= 0:
+        return x
+    out = x.clone()
+    spatial = x.shape[2:]
+    size = [min(patch, s) for s in spatial]
+    g = _generator(torch.device("cpu"), seed)
+    for b in range(x.shape[0]):
+        for _ in range(swaps):
+            a, c = ([int(torch.randint(0, s - p + 1, (1,), generator=g)) for s, p in zip(spatial, size)] for _ in range(2))
+            sa = (b, slice(None), *(slice(o, o + p) for o, p in zip(a, size)))
+            sc = (b, slice(None), *(slice(o, o + p) for o, p in zip(c, size)))
+            first = out[sa].clone()
+            out[sa] = out[sc]
+            out[sc] = first
+    return out
+
+
+def gamma(x: torch.Tensor, log_std: float, seed: int) -> torch.Tensor:
+    """Per-sample gamma ``sign(x) |x|^g`` with ``log g ~ N(0, log_std)`` (torchio's RandomGamma, sign kept for z-scored inputs)."""
+    if log_std <= 0:
+        return x
+    g = _generator(torch.device("cpu"), seed)
+    exps = torch.exp(log_std * torch.randn(x.shape[0], generator=g)).to(x.device, x.dtype)
+    return x.sign() * x.abs().pow(exps.view(-1, *([1] * (x.ndim - 1))))

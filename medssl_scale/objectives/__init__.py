@@ -17,4 +17,4 @@ register_objective = OBJECTIVES.register
 build_objective = OBJECTIVES.build
 objective_names = OBJECTIVES.names
 
-from medssl_scale.objectives import dae  # noqa: E402,F401  (registers its objective)
+from medssl_scale.objectives import dae, pcrlv2  # noqa: E402,F401  (register their objectives)

@@ -51,7 +51,9 @@ def write(encoder: nn.Module, out: Path, source: dict[str, Any] | None = None) -
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in encoder.state_dict().items()}
+    # fp32 weights; integer buffers (BatchNorm's step count) keep their type.
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in encoder.state_dict().items()}
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": FORMAT})
     tmp.replace(out / WEIGHTS)

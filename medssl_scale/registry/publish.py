@@ -62,7 +62,7 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
         ckpt = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ckpt_path, dst_path=str(tmp / "ckpt"),
                                                         tracking_uri=c.tracking_uri))
         (objective_name, _, settings), = cfg.objective_settings()
-        objective = build_objective(objective_name, **{"kernels": "reference", "seed": cfg.seed, **settings})
+        objective = build_objective(objective_name, **{**cfg.objective_args(objective_name, settings), "kernels": "reference"})
         fmt.load_strict(objective, fp32_state_dict(ckpt), f"run {run_id} {ckpt_path}")
         encoder = objective.encoder()
         tags = run.data.tags

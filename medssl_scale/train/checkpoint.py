@@ -115,4 +115,4 @@ def fp32_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
         state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -107,7 +107,7 @@ class RunConfig(_Strict):
             raise ValueError("objectives: one objective per run for now (composing them comes with LRC)")
         for name, _, settings in self.objective_settings():
             try:
-                OBJECTIVES.check(name, **{"kernels": self.kernels, "seed": self.seed, **settings})
+                OBJECTIVES.check(name, **self.objective_args(name, settings))
             except ValidationError as e:
                 raise ValueError("; ".join(f"objectives.{name}.{_loc(err)}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
             except ValueError as e:
@@ -129,6 +129,15 @@ class RunConfig(_Strict):
                 weight, settings = float(spec), {}
             out.append((name, weight, settings))
         return out
+
+    def objective_args(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """An objective's settings plus what it takes from the run: kernels, seed, and the step count if it schedules by it."""
+        from medssl_scale.objectives import OBJECTIVES
+
+        run: dict[str, Any] = {"kernels": self.kernels, "seed": self.seed}
+        if "total_steps" in OBJECTIVES.get(name).Config.model_fields:
+            run["total_steps"] = self.steps
+        return {**run, **settings}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -128,7 +128,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
 
     (name, weight, settings), = cfg.objective_settings()  # one, as the config checked
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    objective = build_objective(name, **{"kernels": cfg.kernels, "seed": cfg.seed, **settings})
+    objective = build_objective(name, **cfg.objective_args(name, settings))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())

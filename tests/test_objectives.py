@@ -1,0 +1,110 @@
+"""The pre-training objectives: loss terms on hand-worked cases, and each objective trained with 2 ranks, then published."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sample_data import training_dataset
+
+from medssl_scale import kernels
+from medssl_scale.objectives import build_objective
+from medssl_scale.objectives.pcrlv2 import symmetric_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"pcrlv2": ROOT / "configs" / "pcrlv2" / "tiny.yaml", "dae": ROOT / "configs" / "dae" / "tiny.yaml"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return training_dataset(tmp_path_factory.mktemp("objectives"))
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "data"))
+def test_every_shipped_run_config_validates(path):
+    from medssl_scale.train.config import load_run_config
+
+    cfg = load_run_config(ROOT / path)
+    assert cfg.objectives and cfg.name in path.replace("/", "-")
+
+
+# -- PCRLv2 ------------------------------------------------------------------------------------
+
+def test_symmetric_cosine_by_hand_and_stop_gradient():
+    p1 = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    p2 = torch.tensor([[0.0, 2.0]], requires_grad=True)
+    z1 = torch.tensor([[3.0, 0.0]], requires_grad=True)
+    z2 = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    loss = symmetric_cosine(p1, z1, p2, z2)
+    # cos(p1, z2) = 1/sqrt(2); cos(p2, z1) = 0
+    torch.testing.assert_close(loss, torch.tensor(-0.5 / 2**0.5))
+    loss.backward()
+    assert z1.grad is None and z2.grad is None  # the targets are stop-gradient
+    # Descending the loss turns p1 towards z2: its gradient points away from z2's direction.
+    assert (p1.grad @ torch.tensor([1.0, 1.0])) < 0
+
+
+def test_patch_swap_exchanges_two_cubes_and_keeps_the_values():
+    x = torch.arange(2 * 8 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8, 8)
+    y = kernels.patch_swap(x, patch=2, swaps=1, seed=3)
+    assert torch.equal(y, kernels.patch_swap(x, 2, 1, seed=3)) and not torch.equal(y, x)
+    changed = [(y[b] != x[b]).sum().item() for b in range(2)]
+    assert max(changed) > 0 and all(c <= 16 for c in changed)  # two 2^3 cubes at most (fewer if they overlap)
+    for b in range(2):
+        assert torch.equal(y[b].flatten().sort().values, x[b].flatten().sort().values)
+    assert torch.equal(kernels.patch_swap(x, 2, 0, seed=3), x)
+
+
+def test_gamma_keeps_sign_and_is_identity_at_zero_spread():
+    x = torch.linspace(-2, 2, 50).view(1, 1, 50, 1, 1).repeat(3, 1, 1, 1, 1)
+    y = kernels.gamma(x, 0.5, seed=1)
+    assert torch.equal(torch.sign(y), torch.sign(x)) and not torch.equal(y, x)
+    assert torch.equal(kernels.gamma(x, 0.0, seed=1), x)
+
+
+def test_pcrlv2_terms_beta_and_gradients():
+    obj = build_objective("pcrlv2", model={"name": "pcrl_unet", "channels": [4, 8, 16, 32]}, total_steps=100, swap_patch=2, swap_count=2)
+    assert obj.beta(0) == 1.0 and abs(obj.beta(50) - 0.5) < 1e-9 and obj.beta(100) < 1e-12
+    torch.manual_seed(0)
+    batch = {"global1": torch.rand(2, 1, 8, 16, 16), "global2": torch.rand(2, 1, 8, 16, 16), "local": torch.rand(2, 3, 8, 8, 8)}
+    out = obj(batch, step=10)
+    assert set(out) == {"restore", "restore_level", "siamese", "global_local", "loss"}
+    torch.testing.assert_close(out["loss"], out["restore"] + out["restore_level"] + out["siamese"] + out["global_local"])
+    assert -1 <= out["siamese"] <= 1 and -1 <= out["global_local"] <= 1
+    out["loss"].backward()
+    lv = obj.level(10, 0, 0)
+    assert all(p.grad is not None for p in obj.net.parameters())
+    assert all(p.grad is not None for p in obj.levels[lv].parameters())
+    assert all(p.grad is None for i, level in enumerate(obj.levels) if i != lv for p in level.parameters())
+    # The same level for every rank of a step, different levels across steps.
+    assert obj.level(10, 1, 0) == lv and len({obj.level(s, 0, 0) for s in range(20)}) == 3
+
+
+# -- every objective: 2 ranks, loss goes down, the encoder is published and pulled ----------------
+
+@pytest.mark.parametrize("name", ["pcrlv2"])
+def test_objective_trains_on_two_ranks_and_publishes(name, dataset, tmp_path):
+    from medssl_scale.registry import load_encoder
+    from medssl_scale.registry.publish import publish
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run([sys.executable, "-m", "medssl_scale.cli", "launch", "local", "--nproc", "2", "--config", str(TINY[name]),
+                        "--no-progress", f"data.dataset={dataset}", "steps=30", "checkpoint.every=30"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_dir = next((tmp_path / "runs").glob(f"{name}-*"))
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 30
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8, losses
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
+    publish((run_dir / "mlflow_run_id").read_text().strip(), f"{name}-encoder", alias="champion", tracking_uri=uri)
+    enc = load_encoder(f"models:/{name}-encoder@champion", tracking_uri=uri)
+    assert not enc.training
+    feats = enc(torch.zeros(1, 1, 16, 16, 16))
+    assert [f.shape[1] for f in feats] == enc.feature_channels
