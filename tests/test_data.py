@@ -196,6 +196,37 @@ def test_view_pairs_overlap_where_they_say(dataset):
     assert checked > 4
 
 
+def test_superpixel_regions_match_across_views(dataset):
+    """Region ids are cut with their views: inside the overlap, both views name the same regions voxel for voxel."""
+    loader = Loader(cfg(dataset, views={"kind": "pair", "superpixels": {"min_size": 8}}, crop=16, augment=[]))
+    for b in batches(loader, 2):
+        assert b["regions1"].dtype == torch.int32 and b["regions1"].shape == b["view1"].shape
+        for i in range(2):
+            parts = []
+            for v in (1, 2):
+                (z0, y0, x0), (z1, y1, x1) = b[f"overlap{v}"][i].tolist()
+                r = b[f"regions{v}"][i, 0][z0:z1, y0:y1, x0:x1]
+                flips = [ax for ax in range(3) if b[f"flip{v}"][i, ax]]
+                parts.append(torch.flip(r, flips) if flips else r)
+            assert torch.equal(parts[0], parts[1])
+            # Regions are segments of one axial slice each, and there are many of them.
+            r1 = b["regions1"][i, 0]
+            assert all(len(set(r1[z].unique().tolist()) & set(r1[z + 1].unique().tolist())) == 0 for z in range(r1.shape[0] - 1))
+            assert r1.unique().numel() > r1.shape[0]
+
+
+def test_superpixels_follow_intensity_edges():
+    from medssl_scale.data.regions import superpixels
+
+    x = np.zeros((2, 32, 32), np.float32)
+    x[:, :, 16:] = 1.0  # two halves: a sharp edge in every slice
+    r = superpixels(x, scale=1.0, sigma=0.5, min_size=20)
+    assert r.dtype == np.int32
+    assert not set(np.unique(r[0]).tolist()) & set(np.unique(r[1]).tolist())  # ids unique across slices
+    for z in range(2):
+        assert not set(np.unique(r[z, :, :16]).tolist()) & set(np.unique(r[z, :, 16:]).tolist())  # no region crosses the edge
+
+
 def test_pcrl_sub_crops(dataset):
     vc = {"kind": "pcrl", "global_sizes": [(16, 24, 24), (24, 24, 24)], "global_out": (8, 16, 16), "local_sizes": [(8, 8, 8)], "local_out": 4, "n_local": 3}
     loader = Loader(cfg(dataset, views=vc))
@@ -386,6 +417,10 @@ def test_pcrl_default_sizes_keep_min_iou():
         g = [(tuple(a), tuple(b)) for a, b in out["box_global"].tolist()]
         assert iou(g[0], g[1]) > 0.3
         assert out["local"].shape[0] == 0
+    # Region maps resized like the global views, ids intact.
+    cropper = Cropper(DataConfig(dataset="unused", views={"kind": "pcrl", "n_local": 0, "superpixels": {}}, sampling="uniform"))
+    out = cropper(access, 0, np.random.default_rng(0))
+    assert out["regions1"].shape == out["global1"].shape and out["regions1"].dtype == torch.int32
 
 
 def test_state_refuses_changes_to_the_order(dataset, tmp_path):

@@ -17,7 +17,7 @@ from medssl_scale.objectives import build_objective
 from medssl_scale.objectives.pcrlv2 import symmetric_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"pcrlv2": ROOT / "configs" / "pcrlv2" / "tiny.yaml", "dae": ROOT / "configs" / "dae" / "tiny.yaml"}
+TINY = {name: ROOT / "configs" / name / "tiny.yaml" for name in ("dae", "pcrlv2", "lrc")}
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,65 @@ def test_pcrlv2_terms_beta_and_gradients():
     assert obj.level(10, 1, 0) == lv and len({obj.level(s, 0, 0) for s in range(20)}) == 3
 
 
+# -- LRC and composition --------------------------------------------------------------------
+
+def test_region_pool_and_region_nce_by_hand():
+    from medssl_scale.objectives.lrc import region_nce, region_pool
+
+    f = torch.tensor([[[1.0, 3.0], [5.0, 7.0]], [[0.0, 0.0], [2.0, 4.0]]])  # [C=2, 2, 2]
+    ids = torch.tensor([[4, 4], [9, 4]])
+    torch.testing.assert_close(region_pool(f, ids, torch.tensor([9, 4])), torch.tensor([[5.0, 2.0], [11 / 3, 4 / 3]]))
+    z = torch.eye(3)
+    # Matching rows identical, others orthogonal: logits 1/T on the diagonal, 0 elsewhere.
+    want = -torch.log(torch.exp(torch.tensor(10.0)) / (torch.exp(torch.tensor(10.0)) + 2))
+    torch.testing.assert_close(region_nce(z, z, 0.1), want)
+    z2 = z[[1, 0, 2]]  # regions 0 and 1 swapped in the second view: a much larger loss
+    assert region_nce(z, z2, 0.1) > want + 5
+    # Descending the loss moves region 0's feature towards its match in the other view and away from the rest.
+    a = torch.tensor([[1.0, 0.2, 0.0], [0.0, 1.0, 0.3], [0.3, 0.0, 1.0]], requires_grad=True)
+    b = torch.tensor([[0.8, 0.0, 0.6], [0.0, 1.0, 0.0], [0.6, 0.0, 0.8]])
+    region_nce(a, b, 0.5).backward()
+    step = -a.grad[0]
+    assert step @ b[0] > 0 > step @ b[1]
+
+
+def test_lrc_composes_on_a_host():
+    from medssl_scale.objectives.compose import Composite
+
+    torch.manual_seed(0)
+    host = build_objective("pcrlv2", model={"name": "pcrl_unet", "channels": [4, 8, 16, 32]}, total_steps=10, swap_count=0)
+    comp = Composite([("pcrlv2", 1.0, host), ("lrc", 0.5, build_objective("lrc", regions=8, min_voxels=2))])
+    x = torch.rand(2, 1, 8, 16, 16)
+    regions = (torch.arange(8 * 16 * 16).view(1, 1, 8, 16, 16) // 64).repeat(2, 1, 1, 1, 1).int()  # 32 strips of 64 voxels
+    batch = {"global1": x, "global2": x.clone(), "regions1": regions, "regions2": regions.clone()}
+    out = comp(batch, step=1)
+    assert {"pcrlv2.restore", "pcrlv2.siamese", "lrc.region_nce", "loss"} <= set(out)
+    torch.testing.assert_close(out["loss"], out["pcrlv2.loss"] + 0.5 * out["lrc.loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in comp.parts["lrc"].parameters())
+    assert set(dict(comp.named_parameters())) == {f"parts.pcrlv2.{k}" for k in dict(host.named_parameters())} | {
+        f"parts.lrc.{k}" for k, _ in comp.parts["lrc"].named_parameters()}  # the host is registered once
+    assert comp.encoder().config["name"] == "pcrl_unet"
+    with pytest.raises(ValueError, match="keeps dense features of two views"):
+        Composite([("dae", 1.0, build_objective("dae", model={"name": "conv_ae"})), ("lrc", 0.5, build_objective("lrc"))])
+
+
+def test_composition_is_checked_when_the_config_loads():
+    from medssl_scale.train.config import load_run_config
+
+    with pytest.raises(ValueError, match="lrc is added on top of another objective"):
+        load_run_config(TINY["lrc"], ["objectives={lrc: 1.0}"])
+    with pytest.raises(ValueError, match="set data.views.superpixels"):
+        load_run_config(TINY["lrc"], ["data.views.superpixels=null"])
+    with pytest.raises(ValueError, match="only auxiliary objectives"):
+        load_run_config(TINY["lrc"], ["objectives={pcrlv2: 1.0, dae: 1.0}"])
+    with pytest.raises(ValueError, match="dae keeps no dense features"):
+        load_run_config(TINY["dae"], ["objectives={dae: 1.0, lrc: 0.5}", "data.views.kind=pair", "data.views.superpixels={}"])
+
+
 # -- every objective: 2 ranks, loss goes down, the encoder is published and pulled ----------------
 
-@pytest.mark.parametrize("name", ["pcrlv2"])
+@pytest.mark.parametrize("name", ["pcrlv2", "lrc"])
 def test_objective_trains_on_two_ranks_and_publishes(name, dataset, tmp_path):
     from medssl_scale.registry import load_encoder
     from medssl_scale.registry.publish import publish

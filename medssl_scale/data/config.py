@@ -44,6 +44,14 @@ class Augment(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class Superpixels(_Strict):
+    """Felzenszwalb settings (scikit-image's defaults; REFERENCES.md suggests 50-200 regions per slice)."""
+
+    scale: float = Field(1.0, gt=0)
+    sigma: float = Field(0.8, ge=0)
+    min_size: int = Field(20, ge=1)
+
+
 class Views(_Strict):
     kind: Literal["none", "pair", "pcrl"] = "none"
     # pair: two crops inside one region of (1 + overlap_slack) x crop, so they always overlap.
@@ -56,6 +64,8 @@ class Views(_Strict):
     local_out: Size3 = (16, 16, 16)
     n_local: int = Field(6, ge=0)
     min_iou: float = Field(0.3, ge=0.0, lt=1.0)
+    # Region maps cut like the views (``regions1``/``regions2``), for LRC; pair and pcrl views.
+    superpixels: Superpixels | None = None
 
     _s3 = field_validator("global_out", "local_out", mode="before")(_size3)
 

@@ -33,6 +33,7 @@ from medssl_scale.data.boxes import (
 from medssl_scale.data.catalog import MODALITIES, Catalog
 from medssl_scale.data.config import DataConfig
 from medssl_scale.data.plan import Sample
+from medssl_scale.data.regions import superpixels
 from medssl_scale.data.transforms import (
     as_tensor,
     build_augment,
@@ -189,7 +190,14 @@ class Cropper:
             out = {"global1": ((1, *vc.global_out), torch.float32), "global2": ((1, *vc.global_out), torch.float32)}
             if vc.n_local:
                 out["local"] = ((vc.n_local, *vc.local_out), torch.float32)
+        if vc.superpixels is not None and vc.kind != "none":
+            view = one if vc.kind == "pair" else (1, *vc.global_out)
+            out.update(regions1=(view, torch.int32), regions2=(view, torch.int32))
         return out
+
+    def _regions(self, region: np.ndarray) -> np.ndarray | None:
+        sp = self.cfg.views.superpixels
+        return None if sp is None else superpixels(region, sp.scale, sp.sigma, sp.min_size)
 
     def __call__(self, access: _Access, v: int, rng: np.random.Generator) -> dict[str, Any]:
         d: dict[str, Any] = {"modality_name": access.modality(v), "stats": access.attrs(v).get("stats")}
@@ -215,7 +223,7 @@ class Cropper:
                     if "label" in item:
                         d["label"] = item["label"]
                 d[key] = done[0] if key != "local" else torch.cat([torch.as_tensor(p) for p in done])
-        keep = set(self.image_keys) | {"label"}
+        keep = set(self.image_keys) | {"label", "regions1", "regions2"}
         return {k: as_tensor(val) if k in keep else val for k, val in d.items() if k not in ("modality_name", "stats")}
 
     # -- one crop -------------------------------------------------------------------
@@ -237,6 +245,7 @@ class Cropper:
         start = access.start(v, region_size, rng, self.min_fg)
         region = self._norm(d, access.read(v, (start, region_size)))
         label = access.read_label(v, (start, region_size)) if self.cfg.labels else None
+        regions = self._regions(region)
         offs = [tuple(int(rng.integers(0, r - c + 1)) for r, c in zip(region_size, crop)) for _ in range(2)]
         flips = [tuple(bool(f) for f in (rng.random(3) < 0.5)) if self.cfg.views.flip else (False,) * 3 for _ in range(2)]
         lo = [max(a, b) for a, b in zip(*offs)]
@@ -247,6 +256,8 @@ class Cropper:
             d[f"view{i}"] = np.flip(region[sl], axes).copy()[None]
             if label is not None:
                 d[f"label{i}"] = torch.from_numpy(np.flip(label[sl], axes).copy()[None])
+            if regions is not None:
+                d[f"regions{i}"] = torch.from_numpy(np.flip(regions[sl], axes).copy()[None])
             ov_lo = [l - a for l, a in zip(lo, o)]
             ov_hi = [h - a for h, a in zip(hi, o)]
             ov = [(c - h, c - l) if f else (l, h) for l, h, c, f in zip(ov_lo, ov_hi, crop, fl)]
@@ -275,20 +286,25 @@ class Cropper:
             b2 = (tuple(s + (a - b) // 2 for s, a, b in zip(b1[0], sizes[0], sizes[1])), sizes[1])
         u = union_box([b1, b2])
         region = torch.from_numpy(self._norm(d, access.read(v, u)))
+        regions = self._regions(region.numpy())
         locals_: list[Box] = []
         for _ in range(vc.n_local):
             size = tuple(vc.local_sizes[rng.integers(len(vc.local_sizes))])
             locals_.append((tuple(int(rng.integers(s, s + max(1, n - z + 1))) for s, n, z in zip(u[0], u[1], size)), size))
 
-        def cut(box: Box, out: tuple[int, ...]) -> torch.Tensor:
+        def cut(box: Box, out: tuple[int, ...], source: torch.Tensor = region, mode: str = "trilinear") -> torch.Tensor:
             sl = tuple(slice(a - o, a - o + z) for a, o, z in zip(box[0], u[0], box[1]))
-            piece = region[sl]
+            piece = source[sl]
             if piece.shape != box[1]:  # a local crop reaching past the union: pad as the volume would be
                 piece = F.pad(piece, [0, box[1][2] - piece.shape[2], 0, box[1][1] - piece.shape[1], 0, box[1][0] - piece.shape[0]], value=float(piece.min()))
-            return F.interpolate(piece[None, None], size=out, mode="trilinear", align_corners=False)[0, 0]
+            return F.interpolate(piece[None, None], size=out, mode=mode, **({"align_corners": False} if mode == "trilinear" else {}))[0, 0]
 
         d["global1"] = cut(b1, vc.global_out)[None]
         d["global2"] = cut(b2, vc.global_out)[None]
+        if regions is not None:  # ids resized like the views, by nearest neighbour: exact below 2^24 regions
+            ids = torch.from_numpy(regions).float()
+            for i, b in enumerate((b1, b2), 1):
+                d[f"regions{i}"] = cut(b, vc.global_out, ids, "nearest").to(torch.int32)[None]
         d["local"] = torch.stack([cut(b, vc.local_out) for b in locals_]) if locals_ else torch.zeros((0, *vc.local_out))
         d["box_global"] = torch.tensor([[list(b[0]), list(b[1])] for b in (b1, b2)])
         d["box_local"] = torch.tensor([[list(b[0]), list(b[1])] for b in locals_]).reshape(-1, 2, 3)

@@ -85,6 +85,7 @@ def symmetric_cosine(p1: torch.Tensor, z1: torch.Tensor, p2: torch.Tensor, z2: t
 @register_objective("pcrlv2")
 class PCRLv2(nn.Module):
     Config = PCRLv2Config
+    DENSE_VIEWS = True  # keeps its global views' finest decoder features for auxiliary objectives (lrc)
 
     def __init__(self, **config: Any):
         super().__init__()
@@ -92,6 +93,8 @@ class PCRLv2(nn.Module):
         model_cfg = dict(self.cfg.model)
         self.net = build_model(model_cfg.pop("name", "pcrl_unet"), **model_cfg)
         self.levels = nn.ModuleList(_Level(c) for c in self.net.pyramid_channels)
+        self.dense_channels = self.net.pyramid_channels[-1]
+        self.dense_views: dict[int, torch.Tensor] = {}
 
     def encoder(self) -> nn.Module:
         return self.net.encoder_module()
@@ -126,6 +129,7 @@ class PCRLv2(nn.Module):
         restore, restore_level, z, p = 0.0, 0.0, [], []
         for i, clean in enumerate(views):
             out, pyramid = self.net(self.disrupt(clean, step, rank, micro, f"global{i}", swap=True))
+            self.dense_views[i + 1] = pyramid[-1]
             f = pyramid[lv]
             restore = restore + F.mse_loss(self._act(out).float(), clean.float()) / 2
             level_out = F.interpolate(head.head(f), size=clean.shape[2:], mode="trilinear", align_corners=False)

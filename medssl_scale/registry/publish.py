@@ -43,7 +43,7 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
     import torch
     import yaml
 
-    from medssl_scale.objectives import build_objective
+    from medssl_scale.objectives.compose import build_run_objective
     from medssl_scale.train.checkpoint import fp32_state_dict
     from medssl_scale.train.config import RunConfig
     from medssl_scale.train.tracking import redact
@@ -61,8 +61,9 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
         cfg = RunConfig.model_validate(yaml.safe_load(config.read_text()))
         ckpt = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ckpt_path, dst_path=str(tmp / "ckpt"),
                                                         tracking_uri=c.tracking_uri))
-        (objective_name, _, settings), = cfg.objective_settings()
-        objective = build_objective(objective_name, **{**cfg.objective_args(objective_name, settings), "kernels": "reference"})
+        specs = cfg.objective_settings()
+        objective_name = "+".join(name for name, _, _ in specs)
+        objective, _ = build_run_objective([(n, w, {**cfg.objective_args(n, s), "kernels": "reference"}) for n, w, s in specs])
         fmt.load_strict(objective, fp32_state_dict(ckpt), f"run {run_id} {ckpt_path}")
         encoder = objective.encoder()
         tags = run.data.tags

@@ -103,9 +103,22 @@ class RunConfig(_Strict):
         # Checked here, not when the run builds them: a typo should fail before any process group exists.
         from medssl_scale.objectives import OBJECTIVES
 
-        if len(self.objectives) != 1:
-            raise ValueError("objectives: one objective per run for now (composing them comes with LRC)")
-        for name, _, settings in self.objective_settings():
+        specs = self.objective_settings()
+        for i, (name, _, _) in enumerate(specs):
+            cls = OBJECTIVES.get(name) if name in OBJECTIVES.names() else None
+            if cls is None:
+                continue  # named by the check below
+            if i == 0 and getattr(cls, "AUXILIARY", False):
+                raise ValueError(f"objectives: {name} is added on top of another objective; name that one first, "
+                                 f"e.g. objectives: {{pcrlv2: 1.0, {name}: 0.5}}")
+            if i > 0 and not getattr(cls, "AUXILIARY", False):
+                raise ValueError(f"objectives: {name} cannot follow {specs[0][0]}: only auxiliary objectives (lrc) are added on top")
+        host = OBJECTIVES.get(specs[0][0]) if specs[0][0] in OBJECTIVES.names() else None
+        if len(specs) > 1 and host is not None and not getattr(host, "DENSE_VIEWS", False):
+            raise ValueError(f"objectives: {specs[0][0]} keeps no dense features of two views for {specs[1][0]} (pcrlv2 does)")
+        if "lrc" in self.objectives and self.data.views.superpixels is None:
+            raise ValueError("objectives.lrc needs region maps from the loader: set data.views.superpixels (e.g. superpixels: {})")
+        for name, _, settings in specs:
             try:
                 OBJECTIVES.check(name, **self.objective_args(name, settings))
             except ValidationError as e:

@@ -114,7 +114,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     import torch.distributed as dist
 
     from medssl_scale.data.loader import Loader
-    from medssl_scale.objectives import build_objective
+    from medssl_scale.objectives.compose import build_run_objective
     from medssl_scale.train import checkpoint
     from medssl_scale.train.schedule import warmup_cosine
     from medssl_scale.train.tracking import Tracker
@@ -126,9 +126,8 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
 
     source = _resume_source(resume, ckpt_dir, run_dir, rank)
 
-    (name, weight, settings), = cfg.objective_settings()  # one, as the config checked
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    objective = build_objective(name, **cfg.objective_args(name, settings))
+    objective, weight = build_run_objective([(n, w, cfg.objective_args(n, s)) for n, w, s in cfg.objective_settings()])
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())

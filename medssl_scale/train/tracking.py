@@ -19,6 +19,7 @@ from medssl_scale.train.config import RunConfig
 
 RUN_ID_FILE = "mlflow_run_id"
 log = logging.getLogger(__name__)
+NOT_LOSSES = {"step", "lr", "samples_per_s", "data_wait", "peak_memory_mb"}  # every other per-step figure is a loss term
 MAX_PENDING = 100_000  # steps of metrics held through a tracking outage
 
 
@@ -163,13 +164,13 @@ class Tracker:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        losses = sorted({k for r in self.history for k in r if k == "loss" or k.startswith(("recon", "cmcl"))})
+        losses = sorted({k for r in self.history for k in r if k not in NOT_LOSSES})
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for k in losses:
             pts = [(r["step"], r[k]) for r in self.history if k in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1e-3)  # contrastive terms go negative
         ax.legend()
         ax.set_title(f"{self.cfg.name}: loss terms (this session's steps)")
         fig.tight_layout()
