@@ -17,7 +17,7 @@ from medssl_scale.objectives import build_objective
 from medssl_scale.objectives.pcrlv2 import symmetric_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {name: ROOT / "configs" / name / "tiny.yaml" for name in ("dae", "pcrlv2", "lrc")}
+TINY = {name: ROOT / "configs" / name / "tiny.yaml" for name in ("dae", "pcrlv2", "lrc", "mixcl")}
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +141,39 @@ def test_composition_is_checked_when_the_config_loads():
         load_run_config(TINY["dae"], ["objectives={dae: 1.0, lrc: 0.5}", "data.views.kind=pair", "data.views.superpixels={}"])
 
 
+# -- MixCL ----------------------------------------------------------------------------------
+
+def test_mixcl_samples_balanced_known_voxels():
+    from medssl_scale.objectives.mixcl import sample_voxels
+
+    labels = torch.tensor([-1] * 50 + [0] * 30 + [1] * 5 + [2] * 15)
+    idx = sample_voxels(labels, 10, torch.Generator().manual_seed(0))
+    counts = torch.bincount(labels[idx] + 1, minlength=4).tolist()
+    assert counts == [0, 10, 5, 10] and idx.unique().numel() == idx.numel()  # unknowns never drawn, none twice
+    assert sample_voxels(torch.full((8,), -1), 10, torch.Generator()).numel() == 0
+
+
+def test_mixcl_terms_on_partly_labelled_views():
+    obj = build_objective("mixcl", model={"name": "unet", "channels": [4, 8, 16]}, projection_dim=8, voxels_per_class=16, swap_patch=2, swap_count=1)
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 8, 8, 8)
+    lab = torch.randint(0, 3, (2, 1, 8, 8, 8), dtype=torch.int16)
+    lab[1] = -1  # the second crop's volume has no label map
+    out = obj({"view1": x, "view2": x.flip(2), "label1": lab, "label2": lab.flip(2)}, step=3)
+    assert set(out) == {"identity", "label", "reconstruction", "loss"} and out["label"] > 0
+    torch.testing.assert_close(out["loss"], out["identity"] + out["label"] + out["reconstruction"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in obj.parameters())
+    unknown = obj({"view1": x, "view2": x, "label1": torch.full_like(lab, -1), "label2": torch.full_like(lab, -1)}, step=3)
+    assert unknown["label"] == 0  # nothing labelled, nothing to contrast
+    bg = build_objective("mixcl", model={"name": "unet", "channels": [4, 8, 16]}, background="unknown")
+    only_bg = torch.zeros_like(lab)
+    assert bg({"view1": x, "view2": x, "label1": only_bg, "label2": only_bg}, step=3)["label"] == 0
+
+
 # -- every objective: 2 ranks, loss goes down, the encoder is published and pulled ----------------
 
-@pytest.mark.parametrize("name", ["pcrlv2", "lrc"])
+@pytest.mark.parametrize("name", ["pcrlv2", "lrc", "mixcl"])
 def test_objective_trains_on_two_ranks_and_publishes(name, dataset, tmp_path):
     from medssl_scale.registry import load_encoder
     from medssl_scale.registry.publish import publish

@@ -1,4 +1,4 @@
-"""PCRLv2's network: a 3D U-Net without skip connections whose decoder stages form a feature pyramid.
+"""PCRLv2's network, a 3D U-Net without skip connections whose decoder stages form a feature pyramid, and the U-Net with them.
 
 As the authors' code builds it (REFERENCES.md): encoder levels of two
 conv-norm-ReLU blocks with max-pooling between (64/128/256/512 channels at
@@ -6,7 +6,9 @@ conv-norm-ReLU blocks with max-pooling between (64/128/256/512 channels at
 and a 1x1x1 output convolution. The skip concatenations are left out on
 purpose: the decoder must restore from the bottleneck alone, which is what
 makes the pyramid's features semantic. ``forward`` returns the restoration
-and the three decoder stages, coarsest first.
+and the three decoder stages, coarsest first. ``unet`` is the same network
+with the skip concatenations (MixCL's encoder-decoder); both publish the
+same encoder, the downsampling path.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def _encode(down: nn.ModuleList, pool: nn.Module, x: torch.Tensor) -> list[torch
 
 @register_model("pcrl_unet")
 class PCRLUNet(nn.Module):
+    name = "pcrl_unet"
+    skips = False
+
     def __init__(self, in_channels: int = 1, out_channels: int = 1, channels: tuple[int, ...] = (64, 128, 256, 512),
                  norm: Literal["batch", "instance"] = "batch"):
         super().__init__()
@@ -45,8 +50,9 @@ class PCRLUNet(nn.Module):
         self.in_channels, self.channels, self.norm = in_channels, tuple(c), norm
         self.down = nn.ModuleList([_double(a, b, norm) for a, b in zip([in_channels, *c[:-1]], c)])
         self.pool = nn.MaxPool3d(2)
-        self.up = nn.ModuleList(nn.Sequential(nn.ConvTranspose3d(c[i], c[i - 1], 2, stride=2), _double(c[i - 1], c[i - 1], norm))
-                                for i in range(len(c) - 1, 0, -1))
+        widen = 2 if self.skips else 1
+        self.lift = nn.ModuleList(nn.ConvTranspose3d(c[i], c[i - 1], 2, stride=2) for i in range(len(c) - 1, 0, -1))
+        self.up = nn.ModuleList(_double(widen * c[i - 1], c[i - 1], norm) for i in range(len(c) - 1, 0, -1))
         self.out = nn.Conv3d(c[0], out_channels, 1)
         self.pyramid_channels = [c[i - 1] for i in range(len(c) - 1, 0, -1)]  # decoder stages, coarsest first
 
@@ -57,14 +63,26 @@ class PCRLUNet(nn.Module):
         return _encode(self.down, self.pool, x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        y = self.encode(x)[-1]
+        feats = self.encode(x)
+        self.bottleneck = feats[-1]
+        y = feats[-1]
         pyramid = []
-        for stage in self.up:
-            y = stage(y)
+        for i, (lift, stage) in enumerate(zip(self.lift, self.up)):
+            y = lift(y)
+            y = stage(torch.cat([y, feats[-2 - i]], dim=1) if self.skips else y)
             pyramid.append(y)
         return self.out(y), pyramid
 
 
+@register_model("unet")
+class UNet(PCRLUNet):
+    """The same network with skip concatenations: a plain 3D U-Net (MixCL's encoder-decoder [ours])."""
+
+    name = "unet"
+    skips = True
+
+
+@register_encoder("unet")
 @register_encoder("pcrl_unet")
 class PCRLEncoder(nn.Module):
     """The encoder half of :class:`PCRLUNet` (``down.*`` parameter names): features at strides 1, 2, 4, 8, ..."""
@@ -82,7 +100,7 @@ class PCRLEncoder(nn.Module):
 
     def _adopt(self, net: PCRLUNet) -> None:
         self.down, self.pool = net.down, net.pool
-        self.config = {"name": "pcrl_unet", "in_channels": net.in_channels, "channels": list(net.channels), "norm": net.norm}
+        self.config = {"name": net.name, "in_channels": net.in_channels, "channels": list(net.channels), "norm": net.norm}
         self.in_channels = net.in_channels
         self.feature_channels = list(net.channels)
         self.feature_strides = [2**i for i in range(len(net.channels))]
