@@ -17,7 +17,7 @@ from medssl_scale.objectives import build_objective
 from medssl_scale.objectives.pcrlv2 import symmetric_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {name: ROOT / "configs" / name / "tiny.yaml" for name in ("dae", "pcrlv2", "lrc", "mixcl")}
+TINY = {name: ROOT / "configs" / name / "tiny.yaml" for name in ("dae", "pcrlv2", "lrc", "mixcl", "reprec")}
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +171,50 @@ def test_mixcl_terms_on_partly_labelled_views():
     assert bg({"view1": x, "view2": x, "label1": only_bg, "label2": only_bg}, step=3)["label"] == 0
 
 
+# -- RepRec ---------------------------------------------------------------------------------
+
+def test_reprec_token_mask_and_recovery_loss_by_hand():
+    from medssl_scale.objectives.reprec import recovery_loss, token_mask
+
+    m = token_mask(3, 10, 0.6, seed=5, device=torch.device("cpu"))
+    assert m.dtype == torch.bool and m.sum(1).tolist() == [6, 6, 6] and torch.equal(m, token_mask(3, 10, 0.6, 5, torch.device("cpu")))
+    assert not torch.equal(m, token_mask(3, 10, 0.6, 6, torch.device("cpu")))
+    target = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    pred = torch.tensor([[[3.0, 0.0], [1.0, 0.0]]], requires_grad=True)
+    hidden = torch.tensor([[False, True]])
+    # Only token 1 counts: normalised (1, 0) vs (0, 1): squared distance 2; token 0 (a perfect match) is visible.
+    loss = recovery_loss(pred, target, hidden)
+    torch.testing.assert_close(loss, torch.tensor(2.0))
+    loss.backward()
+    assert pred.grad[0, 0].abs().sum() == 0 and pred.grad[0, 1, 1] < 0  # descending turns token 1 towards the target
+
+
+def test_reprec_stages_and_the_hybrid_encoder():
+    from medssl_scale.models import build_encoder
+
+    model = {"name": "reprec_hybrid", "channels": [4, 8, 16, 32], "dim": 16, "depth": 1, "heads": 2}
+    obj = build_objective("reprec", model=model, projection_dim=8, stage_a_steps=5)
+    x = torch.rand(2, 1, 16, 16, 16)
+    batch = {"view1": x, "view2": x.flip(3)}
+    a = obj(batch, step=2)
+    assert a["recovery"] == 0
+    a["loss"].backward()
+    assert all(p.grad is None for p in obj.net.encoder.transformer.parameters())  # stage A: the transformer waits
+    obj.zero_grad(set_to_none=True)
+    b = obj(batch, step=7)
+    assert b["recovery"] > 0
+    b["loss"].backward()
+    assert all(p.grad is not None for p in obj.net.encoder.transformer.parameters())
+    enc = obj.encoder()
+    names = {k.split(".")[0] for k in enc.state_dict()}
+    assert names == {"cnn", "embed", "transformer"}  # which part is which, by name
+    feats = build_encoder(**enc.config)(x)
+    assert [f.shape[1] for f in feats] == enc.feature_channels == [4, 8, 16, 32 + 16]
+
+
 # -- every objective: 2 ranks, loss goes down, the encoder is published and pulled ----------------
 
-@pytest.mark.parametrize("name", ["pcrlv2", "lrc", "mixcl"])
+@pytest.mark.parametrize("name", ["dae", "pcrlv2", "lrc", "mixcl", "reprec"])
 def test_objective_trains_on_two_ranks_and_publishes(name, dataset, tmp_path):
     from medssl_scale.registry import load_encoder
     from medssl_scale.registry.publish import publish
@@ -189,7 +230,10 @@ def test_objective_trains_on_two_ranks_and_publishes(name, dataset, tmp_path):
     assert len(losses) == 30
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8, losses
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
-    publish((run_dir / "mlflow_run_id").read_text().strip(), f"{name}-encoder", alias="champion", tracking_uri=uri)
+    mv = publish((run_dir / "mlflow_run_id").read_text().strip(), f"{name}-encoder", alias="champion", tracking_uri=uri)
+    assert mv.tags["medssl.objective"] == ("pcrlv2+lrc" if name == "lrc" else name)
+    if name == "reprec":
+        assert mv.tags["medssl.components"] == "cnn,embed,transformer"
     enc = load_encoder(f"models:/{name}-encoder@champion", tracking_uri=uri)
     assert not enc.training
     feats = enc(torch.zeros(1, 1, 16, 16, 16))

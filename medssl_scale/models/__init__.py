@@ -40,4 +40,4 @@ def build_encoder(name: str, **config: Any) -> nn.Module:
         raise ValueError(f"encoder {name}: {e}") from None
 
 
-from medssl_scale.models import conv, pcrl, swin  # noqa: E402,F401  (register their models)
+from medssl_scale.models import conv, pcrl, reprec, swin  # noqa: E402,F401  (register their models)

@@ -81,6 +81,8 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
     version_tags = {TAG + "objective": objective_name, TAG + "architecture": encoder.config["name"],
                     TAG + "source_run": run_id, TAG + "checkpoint": ckpt_path, TAG + "format": fmt.FORMAT,
                     TAG + "dataset_manifest_sha256": source["dataset_manifest_sha256"],
+                    # Which parts the weights hold, by parameter prefix (a hybrid has cnn and transformer).
+                    TAG + "components": ",".join(sorted({k.split(".")[0] for k in encoder.state_dict()})),
                     **{HASH_TAG + f: h for f, h in hashes.items()}}
     mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/encoder", run_id=run_id, tags=version_tags,
                                 description=description)

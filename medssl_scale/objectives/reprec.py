@@ -1,0 +1,117 @@
+"""RepRec (Yan et al., WACV 2023): a contrastive CNN plus a transformer that recovers masked CNN representations.
+
+Only the abstract is public (REFERENCES.md): a convolutional encoder is
+pre-trained contrastively for low-level features, and a transformer encoder
+generatively, by recovering the representations the CNN gives masked tokens
+(not pixels). The design below is ours; every choice is a setting.
+
+- **contrastive** (stage A): NT-Xent (InfoNCE) between two views
+  (``data.views.kind: pair``) on the CNN's pooled deepest features through a
+  projection MLP, negatives from the global batch, temperature ``temperature``.
+- **representation recovery** (stage B): the CNN's deepest map (stride 8) as
+  tokens; a ``mask_ratio`` of them replaced by a learned mask token (SimMIM
+  style, positions kept); the transformer and a linear head predict the
+  target CNN's features at the masked tokens; loss: MSE between
+  L2-normalised prediction and target over masked tokens only. The target is
+  the online CNN under stop-gradient (``target: stopgrad``).
+- **schedule**: ``stage_a_steps`` of contrastive training alone, then both
+  terms (``joint`` from step 0 when 0); ``freeze_cnn_after_stage_a`` keeps
+  the CNN fixed in stage B, as sequential training would.
+- Both encoders are published together: the hybrid encoder's ``cnn.*`` and
+  ``transformer.*`` parameters, and ``load_encoder`` returns the hybrid.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from medssl_scale.models import MODELS, build_model
+from medssl_scale.objectives import register_objective
+from medssl_scale.objectives.dae import step_seed
+from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
+
+
+class RepRecConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: dict[str, Any] = Field(default_factory=lambda: {"name": "reprec_hybrid"})
+    temperature: float = Field(0.2, gt=0)  # 0.1-0.2 in REFERENCES.md
+    projection_dim: int = Field(128, ge=1)
+    mask_ratio: float = Field(0.6, gt=0, lt=1)  # 0.6-0.75, MAE-style
+    contrastive_weight: float = Field(1.0, ge=0)
+    recovery_weight: float = Field(1.0, ge=0)
+    target: Literal["stopgrad"] = "stopgrad"
+    stage_a_steps: int = Field(0, ge=0)
+    freeze_cnn_after_stage_a: bool = False
+    seed: int = Field(0, ge=0)
+    kernels: Literal["auto", "reference", "triton"] = "auto"
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: dict[str, Any]) -> dict[str, Any]:
+        settings = dict(v)
+        name = settings.pop("name", "reprec_hybrid")
+        MODELS.check(name, **settings)
+        if name != "reprec_hybrid":
+            raise ValueError(f"reprec needs the hybrid CNN-transformer (reprec_hybrid), got {name!r}")
+        return v
+
+
+def token_mask(batch: int, tokens: int, ratio: float, seed: int, device: torch.device) -> torch.Tensor:
+    """[B, N] bool, exactly ``round(ratio * N)`` (at least 1) tokens hidden per sample, seeded."""
+    k = min(tokens, max(1, round(ratio * tokens)))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(batch, tokens, generator=g).argsort(dim=1)
+    return (order < k).to(device)
+
+
+def recovery_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE between L2-normalised predicted and target features [B, N, C] over the hidden tokens only."""
+    p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    return ((p - t) ** 2).sum(-1)[mask].mean()
+
+
+@register_objective("reprec")
+class RepRec(nn.Module):
+    Config = RepRecConfig
+
+    def __init__(self, **config: Any):
+        super().__init__()
+        self.cfg = RepRecConfig(**config)
+        model_cfg = dict(self.cfg.model)
+        self.net = build_model(model_cfg.pop("name", "reprec_hybrid"), **model_cfg)
+        c = self.net.channels[-1]
+        self.projector = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, self.cfg.projection_dim))
+
+    def encoder(self) -> nn.Module:
+        return self.net.encoder_module()
+
+    def forward(self, batch: dict[str, Any], step: int = 0, rank: int = 0, micro: int = 0) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        stage_b = step >= cfg.stage_a_steps
+        freeze = stage_b and cfg.stage_a_steps > 0 and cfg.freeze_cnn_after_stage_a
+        deep = []
+        for v in (1, 2):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
+                deep.append(self.net.encoder.cnn_features(batch[f"view{v}"])[-1])
+        out: dict[str, torch.Tensor] = {}
+        b = deep[0].shape[0]
+        z = self.projector(torch.cat([f.mean(dim=(2, 3, 4)) for f in deep])).float()
+        ident = torch.arange(b, device=z.device).repeat(2) + b * rank  # unique across ranks once gathered
+        z, ident = gather_from_ranks(z, ident)
+        out["contrastive"] = supervised_contrastive(z, ident, cfg.temperature)
+        if stage_b:
+            f = deep[0]
+            mask = token_mask(b, f[0, 0].numel(), cfg.mask_ratio, step_seed(cfg.seed, step, rank, "tokens", micro), f.device)
+            pred = self.net.masked_prediction(f, mask)
+            target = f.detach().flatten(2).transpose(1, 2)  # the CNN's own representations, stop-gradient
+            out["recovery"] = recovery_loss(pred, target, mask)
+        else:  # stage A: the transformer waits (its parameters get no gradient, the same on every rank)
+            out["recovery"] = deep[0].sum() * 0.0
+        out["loss"] = cfg.contrastive_weight * out["contrastive"] + cfg.recovery_weight * out["recovery"]
+        return out
