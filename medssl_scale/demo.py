@@ -130,19 +130,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def demo_dataset(work: Path, workers: int, console) -> tuple[Path, int]:
+    """The sample collection, ingested into ``work/dataset`` (steps 1 and 2; kept when already done). Returns it and the ingest's exit code."""
     import os
-
-    from rich.console import Console
 
     from ingest.cli import execute as ingest
     from ingest.runner import IngestConfig
-    from medssl_scale.inspect import execute as inspect
 
-    # The demo's own progress bars say enough; MLflow's per-download bars for three small files do not.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    console = Console()
-    work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     secret = work / "site-secret"
     if not secret.exists():  # a demo-local secret: the user's real one stays untouched
@@ -161,9 +155,23 @@ def main(args: argparse.Namespace) -> int:
     dataset = work / "dataset"
     # --resume is harmless on a finished dataset and finishes one that a Ctrl-C interrupted.
     # Phantoms carry no patient id in their headers: --subject-pattern takes it from the file name.
-    cfg = IngestConfig(sources=[collection], out=dataset, workers=args.workers, resume=True, shard_size=64_000_000,
+    cfg = IngestConfig(sources=[collection], out=dataset, workers=workers, resume=True, shard_size=64_000_000,
                        secret_file=secret, subject_pattern=r"(ct_\d{3}|head_\d{3})")
-    code = ingest(cfg)
+    return dataset, ingest(cfg)
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+
+    from rich.console import Console
+
+    from medssl_scale.inspect import execute as inspect
+
+    # The demo's own progress bars say enough; MLflow's per-download bars for three small files do not.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    console = Console()
+    work: Path = args.workdir
+    dataset, code = demo_dataset(work, args.workers, console)
     if code != 0:
         return code
 

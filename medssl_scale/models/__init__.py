@@ -33,6 +33,20 @@ def build_model(name: str, **config: Any) -> nn.Module:
         raise ValueError(f"model {name}: {e}") from None
 
 
+class EncoderHalf(nn.Module):
+    """An encoder made of another network's modules: ``sharing(net, ...)`` adopts them (same parameters), ``__init__`` builds a fresh network to adopt."""
+
+    @classmethod
+    def sharing(cls, *parts: Any):
+        enc = cls.__new__(cls)
+        nn.Module.__init__(enc)
+        enc._adopt(*parts)
+        return enc
+
+    def _adopt(self, *parts: Any) -> None:
+        raise NotImplementedError
+
+
 def build_encoder(name: str, **config: Any) -> nn.Module:
     try:
         return ENCODERS.build(name, **config)

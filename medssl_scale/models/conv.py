@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from medssl_scale.models import register_encoder, register_model
+from medssl_scale.models import EncoderHalf, register_encoder, register_model
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -50,20 +50,13 @@ class ConvAutoencoder(nn.Module):
 
 
 @register_encoder("conv_ae")
-class ConvEncoder(nn.Module):
+class ConvEncoder(EncoderHalf):
     """The encoder half of :class:`ConvAutoencoder`: features at strides 2, 4, 8, ... (same parameter names)."""
 
     def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (8, 16, 32)):
         super().__init__()
         ae = ConvAutoencoder(in_channels=in_channels, channels=channels)
         self._adopt(ae)
-
-    @classmethod
-    def sharing(cls, ae: ConvAutoencoder) -> ConvEncoder:
-        enc = cls.__new__(cls)
-        nn.Module.__init__(enc)
-        enc._adopt(ae)
-        return enc
 
     def _adopt(self, ae: ConvAutoencoder) -> None:
         self.patch_embed, self.encoder = ae.patch_embed, ae.encoder

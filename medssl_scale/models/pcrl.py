@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from medssl_scale.models import register_encoder, register_model
+from medssl_scale.models import EncoderHalf, register_encoder, register_model
 
 
 def _norm(kind: str, c: int) -> nn.Module:
@@ -84,19 +84,12 @@ class UNet(PCRLUNet):
 
 @register_encoder("unet")
 @register_encoder("pcrl_unet")
-class PCRLEncoder(nn.Module):
+class PCRLEncoder(EncoderHalf):
     """The encoder half of :class:`PCRLUNet` (``down.*`` parameter names): features at strides 1, 2, 4, 8, ..."""
 
     def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (64, 128, 256, 512), norm: Literal["batch", "instance"] = "batch"):
         super().__init__()
         self._adopt(PCRLUNet(in_channels=in_channels, channels=channels, norm=norm))
-
-    @classmethod
-    def sharing(cls, net: PCRLUNet) -> PCRLEncoder:
-        enc = cls.__new__(cls)
-        nn.Module.__init__(enc)
-        enc._adopt(net)
-        return enc
 
     def _adopt(self, net: PCRLUNet) -> None:
         self.down, self.pool = net.down, net.pool

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from monai.networks.nets import SwinUNETR
 
-from medssl_scale.models import register_encoder, register_model
+from medssl_scale.models import EncoderHalf, register_encoder, register_model
 
 
 class _EmbeddingHook(nn.Module):
@@ -70,7 +70,7 @@ class SwinAutoencoder(nn.Module):
 
 
 @register_encoder("swin_unetr")
-class SwinEncoder(nn.Module):
+class SwinEncoder(EncoderHalf):
     """The encoder half of SwinUNETR: the Swin transformer and the convolutional blocks on its skip paths.
 
     Parameter names are MONAI's (``swinViT.*``, ``encoder1.*`` ... ``encoder10.*``),
@@ -84,13 +84,6 @@ class SwinEncoder(nn.Module):
         arch = {"in_channels": in_channels, "feature_size": feature_size, "depths": list(depths),
                 "num_heads": list(num_heads), "window_size": window_size}
         self._adopt(SwinUNETR(out_channels=1, **{**arch, "depths": tuple(depths), "num_heads": tuple(num_heads)}), arch)
-
-    @classmethod
-    def sharing(cls, net: SwinUNETR, arch: dict) -> SwinEncoder:
-        enc = cls.__new__(cls)
-        nn.Module.__init__(enc)
-        enc._adopt(net, arch)
-        return enc
 
     def _adopt(self, net: SwinUNETR, arch: dict) -> None:
         self.swinViT = net.swinViT

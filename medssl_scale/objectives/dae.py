@@ -31,16 +31,16 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from medssl_scale import kernels
-from medssl_scale.models import MODELS, build_model
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
+from medssl_scale.objectives.settings import ObjectiveConfig
 
 
-class DAEConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class DAEConfig(ObjectiveConfig):
+    DEFAULT_MODEL = "swin_unetr"
 
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "swin_unetr", "feature_size": 48})
     disruptions: list[Literal["noise", "downsample", "mask"]] = Field(default_factory=lambda: ["noise", "downsample", "mask"])
@@ -53,15 +53,6 @@ class DAEConfig(BaseModel):
     cmcl_temperature: float = Field(0.5, gt=0)
     cmcl_positives: Literal["modality", "subject", "both"] = "modality"
     projection_dim: int = Field(128, ge=1)
-    seed: int = Field(0, ge=0)
-    kernels: Literal["auto", "reference", "triton"] = "auto"
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: dict[str, Any]) -> dict[str, Any]:
-        settings = dict(v)
-        MODELS.check(settings.pop("name", "swin_unetr"), **settings)
-        return v
 
 
 def step_seed(seed: int, step: int, rank: int, what: str, micro: int = 0) -> int:
@@ -77,8 +68,7 @@ class DisruptiveAutoencoder(nn.Module):
     def __init__(self, **config: Any):
         super().__init__()
         self.cfg = DAEConfig(**config)
-        model_cfg = dict(self.cfg.model)
-        self.net = build_model(model_cfg.pop("name", "swin_unetr"), **model_cfg)
+        self.net = self.cfg.build_net()
         c = self.net.embed_channels
         self.mask_values = nn.Parameter(torch.zeros(c)) if self.cfg.mask_fill == "learned" else None
         b = self.net.bottleneck_channels

@@ -21,26 +21,24 @@ Its weight is the ``lrc`` weight in ``objectives`` (lambda, 0.1-1 in REFERENCES.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.dae import step_seed
+from medssl_scale.objectives.settings import ObjectiveConfig
 
 
-class LRCConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class LRCConfig(ObjectiveConfig):  # no network of its own: it works on its host's features
 
     regions: int = Field(32, ge=2)  # K sampled per sample (32-64 in REFERENCES.md)
     temperature: float = Field(0.1, gt=0)
     projection_dim: int = Field(64, ge=1)
     min_voxels: int = Field(4, ge=1)  # a region must cover this many feature voxels in both views
-    seed: int = Field(0, ge=0)
-    kernels: Literal["auto", "reference", "triton"] = "auto"
 
 
 def region_pool(features: torch.Tensor, ids: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

@@ -30,17 +30,18 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from medssl_scale import kernels
-from medssl_scale.models import MODELS, build_model
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.dae import step_seed
 from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
+from medssl_scale.objectives.settings import ObjectiveConfig
 
 
-class MixCLConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MixCLConfig(ObjectiveConfig):
+    DEFAULT_MODEL = "unet"
+    MODELS_ALLOWED = ("unet", "pcrl_unet")
 
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "unet", "channels": [32, 64, 128, 256]})
     identity_weight: float = Field(1.0, ge=0)
@@ -54,18 +55,6 @@ class MixCLConfig(BaseModel):
     noise_std: float = Field(0.1, ge=0)
     swap_patch: int = Field(8, ge=0)
     swap_count: int = Field(10, ge=0)
-    seed: int = Field(0, ge=0)
-    kernels: Literal["auto", "reference", "triton"] = "auto"
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: dict[str, Any]) -> dict[str, Any]:
-        settings = dict(v)
-        name = settings.pop("name", "unet")
-        MODELS.check(name, **settings)
-        if name not in ("unet", "pcrl_unet"):
-            raise ValueError(f"mixcl needs an encoder-decoder with decoder features (unet), got {name!r}")
-        return v
 
 
 def sample_voxels(labels: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
@@ -84,8 +73,7 @@ class MixCL(nn.Module):
     def __init__(self, **config: Any):
         super().__init__()
         self.cfg = MixCLConfig(**config)
-        model_cfg = dict(self.cfg.model)
-        self.net = build_model(model_cfg.pop("name", "unet"), **model_cfg)
+        self.net = self.cfg.build_net()
         c_top, c_dec = self.net.channels[-1], self.net.pyramid_channels[-1]
         d = self.cfg.projection_dim
         self.identity_head = nn.Sequential(nn.Linear(c_top, c_top), nn.ReLU(inplace=True), nn.Linear(c_top, d))

@@ -33,16 +33,17 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from medssl_scale import kernels
-from medssl_scale.models import MODELS, build_model
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.dae import step_seed
+from medssl_scale.objectives.settings import ObjectiveConfig
 
 
-class PCRLv2Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PCRLv2Config(ObjectiveConfig):
+    DEFAULT_MODEL = "pcrl_unet"
+    MODELS_ALLOWED = ("pcrl_unet",)
 
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "pcrl_unet", "channels": [64, 128, 256, 512]})
     output_activation: Literal["sigmoid", "none"] = "none"  # [ours] sigmoid is the code's, right for CT-only data in [0, 1]
@@ -52,18 +53,6 @@ class PCRLv2Config(BaseModel):
     swap_count: int = Field(20, ge=0)  # [ours] RandomSwap iterations per global view
     beta_schedule: Literal["cosine", "constant"] = "cosine"
     total_steps: int = Field(1, ge=1)  # the run's steps, set by the engine (beta's cosine period)
-    seed: int = Field(0, ge=0)
-    kernels: Literal["auto", "reference", "triton"] = "auto"
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: dict[str, Any]) -> dict[str, Any]:
-        settings = dict(v)
-        name = settings.pop("name", "pcrl_unet")
-        MODELS.check(name, **settings)
-        if name != "pcrl_unet":
-            raise ValueError(f"pcrlv2 needs a network with a decoder pyramid (pcrl_unet), got {name!r}")
-        return v
 
 
 class _Level(nn.Module):
@@ -90,8 +79,7 @@ class PCRLv2(nn.Module):
     def __init__(self, **config: Any):
         super().__init__()
         self.cfg = PCRLv2Config(**config)
-        model_cfg = dict(self.cfg.model)
-        self.net = build_model(model_cfg.pop("name", "pcrl_unet"), **model_cfg)
+        self.net = self.cfg.build_net()
         self.levels = nn.ModuleList(_Level(c) for c in self.net.pyramid_channels)
         self.dense_channels = self.net.pyramid_channels[-1]
         self.dense_views: dict[int, torch.Tensor] = {}

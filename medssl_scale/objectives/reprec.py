@@ -28,16 +28,17 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
-from medssl_scale.models import MODELS, build_model
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.dae import step_seed
 from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
+from medssl_scale.objectives.settings import ObjectiveConfig
 
 
-class RepRecConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class RepRecConfig(ObjectiveConfig):
+    DEFAULT_MODEL = "reprec_hybrid"
+    MODELS_ALLOWED = ("reprec_hybrid",)
 
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "reprec_hybrid"})
     temperature: float = Field(0.2, gt=0)  # 0.1-0.2 in REFERENCES.md
@@ -48,18 +49,6 @@ class RepRecConfig(BaseModel):
     target: Literal["stopgrad"] = "stopgrad"
     stage_a_steps: int = Field(0, ge=0)
     freeze_cnn_after_stage_a: bool = False
-    seed: int = Field(0, ge=0)
-    kernels: Literal["auto", "reference", "triton"] = "auto"
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: dict[str, Any]) -> dict[str, Any]:
-        settings = dict(v)
-        name = settings.pop("name", "reprec_hybrid")
-        MODELS.check(name, **settings)
-        if name != "reprec_hybrid":
-            raise ValueError(f"reprec needs the hybrid CNN-transformer (reprec_hybrid), got {name!r}")
-        return v
 
 
 def token_mask(batch: int, tokens: int, ratio: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -83,8 +72,7 @@ class RepRec(nn.Module):
     def __init__(self, **config: Any):
         super().__init__()
         self.cfg = RepRecConfig(**config)
-        model_cfg = dict(self.cfg.model)
-        self.net = build_model(model_cfg.pop("name", "reprec_hybrid"), **model_cfg)
+        self.net = self.cfg.build_net()
         c = self.net.channels[-1]
         self.projector = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, self.cfg.projection_dim))
 

@@ -83,6 +83,8 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
                     TAG + "dataset_manifest_sha256": source["dataset_manifest_sha256"],
                     # Which parts the weights hold, by parameter prefix (a hybrid has cnn and transformer).
                     TAG + "components": ",".join(sorted({k.split(".")[0] for k in encoder.state_dict()})),
+                    # Whether pre-training read label maps (MixCL does): a downstream score on those labels is not few-label.
+                    TAG + "pretraining_labels": "yes" if cfg.data.labels else "no",
                     **{HASH_TAG + f: h for f, h in hashes.items()}}
     mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/encoder", run_id=run_id, tags=version_tags,
                                 description=description)
