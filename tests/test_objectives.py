@@ -136,6 +136,16 @@ def test_lrc_composes_on_a_host():
         Composite([("dae", 1.0, build_objective("dae", model={"name": "conv_ae"})), ("lrc", 0.5, build_objective("lrc"))])
 
 
+def test_region_ids_follow_the_hosts_patch_swaps():
+    host = build_objective("pcrlv2", model={"name": "pcrl_unet", "channels": [4, 8, 16, 32]}, swap_patch=2, swap_count=6,
+                           gamma_log_std=0.0, noise_std=0.0)
+    regions = torch.randint(0, 50, (3, 1, 8, 8, 8)).float()
+    disrupted = host.disrupt(regions / 100, step=4, rank=1, micro=0, what="global1", swap=True)  # the second global view
+    moved = host.follow_disruption(regions, step=4, rank=1, micro=0, view=2)
+    assert not torch.equal(moved, regions)
+    torch.testing.assert_close(moved / 100, disrupted)
+
+
 def test_composition_is_checked_when_the_config_loads():
     from medssl_scale.train.config import load_run_config
 
@@ -145,6 +155,10 @@ def test_composition_is_checked_when_the_config_loads():
         load_run_config(TINY["lrc"], ["data.views.superpixels=null"])
     with pytest.raises(ValueError, match="only auxiliary objectives"):
         load_run_config(TINY["lrc"], ["objectives={pcrlv2: 1.0, dae: 1.0}"])
+    with pytest.raises(ValueError, match="superpixels are computed for objectives.lrc only"):
+        load_run_config(TINY["pcrlv2"], ["data.views.superpixels={}"])
+    with pytest.raises(ValueError, match="batch_size must be at least 2"):
+        load_run_config(TINY["pcrlv2"], ["data.batch_size=1"])
     with pytest.raises(ValueError, match="dae keeps no dense features"):
         load_run_config(TINY["dae"], ["objectives={dae: 1.0, lrc: 0.5}", "data.views.kind=pair", "data.views.superpixels={}"])
 

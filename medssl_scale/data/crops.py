@@ -304,7 +304,7 @@ class Cropper:
         if regions is not None:  # ids resized like the views, by nearest neighbour: exact below 2^24 regions
             ids = torch.from_numpy(regions).float()
             for i, b in enumerate((b1, b2), 1):
-                d[f"regions{i}"] = cut(b, vc.global_out, ids, "nearest").to(torch.int32)[None]
+                d[f"regions{i}"] = cut(b, vc.global_out, ids, "nearest-exact").to(torch.int32)[None]
         d["local"] = torch.stack([cut(b, vc.local_out) for b in locals_]) if locals_ else torch.zeros((0, *vc.local_out))
         d["box_global"] = torch.tensor([[list(b[0]), list(b[1])] for b in (b1, b2)])
         d["box_local"] = torch.tensor([[list(b[0]), list(b[1])] for b in locals_]).reshape(-1, 2, 3)

@@ -57,7 +57,7 @@ class PCRLUNet(nn.Module):
         self.pyramid_channels = [c[i - 1] for i in range(len(c) - 1, 0, -1)]  # decoder stages, coarsest first
 
     def encoder_module(self) -> PCRLEncoder:
-        return PCRLEncoder.sharing(self)
+        return (UNetEncoder if self.skips else PCRLEncoder).sharing(self)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return _encode(self.down, self.pool, x)
@@ -82,7 +82,6 @@ class UNet(PCRLUNet):
     skips = True
 
 
-@register_encoder("unet")
 @register_encoder("pcrl_unet")
 class PCRLEncoder(EncoderHalf):
     """The encoder half of :class:`PCRLUNet` (``down.*`` parameter names): features at strides 1, 2, 4, 8, ..."""
@@ -100,3 +99,12 @@ class PCRLEncoder(EncoderHalf):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return _encode(self.down, self.pool, x)
+
+
+@register_encoder("unet")
+class UNetEncoder(PCRLEncoder):
+    """The encoder half of :class:`UNet`: the same downsampling path and names; it says ``unet`` in its config."""
+
+    def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (64, 128, 256, 512), norm: Literal["batch", "instance"] = "batch"):
+        nn.Module.__init__(self)
+        self._adopt(UNet(in_channels=in_channels, channels=channels, norm=norm))

@@ -45,6 +45,8 @@ class Composite(nn.Module):
             total = total + self.weights[name] * losses["loss"]
             out.update({f"{name}.{k}": v for k, v in losses.items()})
         out["loss"] = total
+        if hasattr(self.host, "dense_views"):
+            self.host.dense_views.clear()  # the graph they hold is the loss's now; nothing waits across steps
         return out
 
     @torch.no_grad()

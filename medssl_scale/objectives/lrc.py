@@ -70,6 +70,7 @@ class LRC(nn.Module):
             raise ValueError(f"lrc needs a host objective that keeps dense features of two views (pcrlv2); {type(host).__name__} does not")
         c = host.dense_channels
         self.projector = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, self.cfg.projection_dim))
+        host.keep_dense = True
         self.__dict__["_host"] = host  # a reference, not a submodule: the composite registers the host once
 
     def forward(self, batch: dict[str, Any], step: int = 0, rank: int = 0, micro: int = 0) -> dict[str, torch.Tensor]:
@@ -78,14 +79,18 @@ class LRC(nn.Module):
         if "regions1" not in batch:
             raise ValueError("lrc needs region maps: set data.views.superpixels (e.g. superpixels: {})")
         g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, rank, "lrc", micro))
+        maps = []
+        for v in (1, 2):
+            r = batch[f"regions{v}"].float()
+            # Disruptions that move voxels (patch swaps) move their region ids too: the host replays them on the whole batch.
+            if hasattr(self._host, "follow_disruption"):
+                r = self._host.follow_disruption(r, step, rank, micro, v)
+            if r.shape[2:] != feats[v].shape[2:]:
+                r = F.interpolate(r, size=feats[v].shape[2:], mode="nearest-exact")
+            maps.append(r[:, 0].long())
         terms = []
         for b in range(feats[1].shape[0]):
-            ids = []
-            for v in (1, 2):
-                r = batch[f"regions{v}"][b : b + 1].float()
-                if r.shape[2:] != feats[v].shape[2:]:
-                    r = F.interpolate(r, size=feats[v].shape[2:], mode="nearest")
-                ids.append(r[0, 0].long())
+            ids = [maps[0][b], maps[1][b]]
             u1, c1 = ids[0].unique(return_counts=True)
             u2, c2 = ids[1].unique(return_counts=True)
             shared = u1[c1 >= self.cfg.min_voxels]

@@ -2,8 +2,9 @@
 
 Per REFERENCES.md, from the authors' code. The loader's ``views: {kind: pcrl}``
 gives two global crops of one volume (IoU above ``min_iou``) and ``n_local``
-local crops inside their union, resized, with flips and intensity
-augmentations of the config. Here, every step:
+local crops inside their union, resized (no flips yet). They are the
+restoration targets, so loader augmentations (``data.augment``) become part
+of the target: the disruptions belong here, and the shipped configs have none. Here, every step:
 
 1. the global views are disrupted (Gaussian noise, gamma, and patch swapping,
    torchio's RandomSwap), the local views get noise and gamma; the clean
@@ -82,6 +83,7 @@ class PCRLv2(nn.Module):
         self.net = self.cfg.build_net()
         self.levels = nn.ModuleList(_Level(c) for c in self.net.pyramid_channels)
         self.dense_channels = self.net.pyramid_channels[-1]
+        self.keep_dense = False  # set when an auxiliary objective attaches; the composite clears them after use
         self.dense_views: dict[int, torch.Tensor] = {}
 
     def encoder(self) -> nn.Module:
@@ -105,6 +107,13 @@ class PCRLv2(nn.Module):
             x = kernels.gaussian_noise(x, cfg.noise_std, seed + 3, backend=cfg.kernels)
         return x
 
+    def follow_disruption(self, t: torch.Tensor, step: int, rank: int, micro: int, view: int) -> torch.Tensor:
+        """Move ``t`` (e.g. region ids, [B, 1, *S] float) the way view ``view``'s patch swaps moved its voxels."""
+        cfg = self.cfg
+        if not (cfg.swap_patch and cfg.swap_count):
+            return t
+        return kernels.patch_swap(t, cfg.swap_patch, cfg.swap_count, step_seed(cfg.seed, step, rank, f"global{view - 1}", micro) + 1)
+
     def level(self, step: int, rank: int, micro: int) -> int:
         # The same level on every rank of a step: the gradient reduction then sums like with like.
         return step_seed(self.cfg.seed, step, 0, "level", micro) % len(self.levels)
@@ -117,7 +126,8 @@ class PCRLv2(nn.Module):
         restore, restore_level, z, p = 0.0, 0.0, [], []
         for i, clean in enumerate(views):
             out, pyramid = self.net(self.disrupt(clean, step, rank, micro, f"global{i}", swap=True))
-            self.dense_views[i + 1] = pyramid[-1]
+            if self.keep_dense:
+                self.dense_views[i + 1] = pyramid[-1]
             f = pyramid[lv]
             restore = restore + F.mse_loss(self._act(out).float(), clean.float()) / 2
             level_out = F.interpolate(head.head(f), size=clean.shape[2:], mode="trilinear", align_corners=False)

@@ -13,10 +13,14 @@ generatively, by recovering the representations the CNN gives masked tokens
   style, positions kept); the transformer and a linear head predict the
   target CNN's features at the masked tokens; loss: MSE between
   L2-normalised prediction and target over masked tokens only. The target is
-  the online CNN under stop-gradient (``target: stopgrad``).
+  the online CNN under stop-gradient (``target: stopgrad``), and by default
+  the transformer's input is too (``recovery_trains_cnn: false``), so the CNN
+  cannot flatten its maps to make recovery trivial.
 - **schedule**: ``stage_a_steps`` of contrastive training alone, then both
-  terms (``joint`` from step 0 when 0); ``freeze_cnn_after_stage_a`` keeps
-  the CNN fixed in stage B, as sequential training would.
+  terms (``joint`` from step 0 when 0); ``freeze_cnn_after_stage_a`` stops
+  the CNN's gradients in stage B, as sequential training would (the
+  optimizer's weight decay and momentum still move it a little: a per-stage
+  learning rate is not in the engine yet).
 - Both encoders are published together: the hybrid encoder's ``cnn.*`` and
   ``transformer.*`` parameters, and ``load_encoder`` returns the hybrid.
 """
@@ -47,6 +51,9 @@ class RepRecConfig(ObjectiveConfig):
     contrastive_weight: float = Field(1.0, ge=0)
     recovery_weight: float = Field(1.0, ge=0)
     target: Literal["stopgrad"] = "stopgrad"
+    # The transformer reads the CNN's map; with this off (the default), recovery trains only the transformer, so
+    # the CNN cannot make its maps uniform to make recovery trivial (the contrastive term sees pooled features only).
+    recovery_trains_cnn: bool = False
     stage_a_steps: int = Field(0, ge=0)
     freeze_cnn_after_stage_a: bool = False
 
@@ -96,7 +103,7 @@ class RepRec(nn.Module):
         if stage_b:
             f = deep[0]
             mask = token_mask(b, f[0, 0].numel(), cfg.mask_ratio, step_seed(cfg.seed, step, rank, "tokens", micro), f.device)
-            pred = self.net.masked_prediction(f, mask)
+            pred = self.net.masked_prediction(f if cfg.recovery_trains_cnn else f.detach(), mask)
             target = f.detach().flatten(2).transpose(1, 2)  # the CNN's own representations, stop-gradient
             out["recovery"] = recovery_loss(pred, target, mask)
         else:  # stage A: the transformer waits (its parameters get no gradient, the same on every rank)

@@ -118,6 +118,10 @@ class RunConfig(_Strict):
             raise ValueError(f"objectives: {specs[0][0]} keeps no dense features of two views for {specs[1][0]} (pcrlv2 does)")
         if "lrc" in self.objectives and self.data.views.superpixels is None:
             raise ValueError("objectives.lrc needs region maps from the loader: set data.views.superpixels (e.g. superpixels: {})")
+        if "lrc" not in self.objectives and self.data.views.superpixels is not None:
+            raise ValueError("data.views.superpixels are computed for objectives.lrc only: drop them (they cost loader time)")
+        if any(n in self.objectives for n in ("pcrlv2",)) and self.data.batch_size < 2:
+            raise ValueError("pcrlv2's projectors use BatchNorm over the micro-batch: data.batch_size must be at least 2")
         for name, _, settings in specs:
             try:
                 OBJECTIVES.check(name, **self.objective_args(name, settings))

@@ -185,8 +185,11 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
                 tracker.metrics(step, record)
             if step % cfg.tracking.plot_every == 0 or step == cfg.steps:
                 # Every rank runs it: under ZeRO-3 a forward gathers parameters collectively.
+                # Eval mode: a plot must not move BatchNorm's running statistics, which are published with the encoder.
+                objective.eval()
                 with deepspeed.zero.GatheredParameters(list(objective.parameters(recurse=False)), enabled=cfg.deepspeed.zero_stage == 3):
                     visuals = objective.visuals(batch, step) if hasattr(objective, "visuals") else None
+                objective.train()
                 tracker.plots(step, visuals)
             bar(step, record)
             stopping = _any(stop.requested, device)
