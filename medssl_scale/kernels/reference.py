@@ -1,15 +1,21 @@
 """PyTorch references of the masking and disruption ops: they define the semantics.
 
-Random numbers come from a seed (one ``torch.Generator`` per call), never
-from the global RNG, so the same seed gives the same mask on any rank and a
-fused kernel can regenerate a mask in backward instead of storing it.
+Random numbers come from a seed, never from the global RNG: masks and noise
+are Triton's Philox numbers at each element's offset (:mod:`.philox`), so a
+fused kernel draws exactly the same and can regenerate a mask in backward
+instead of storing it; the cube positions of ``patch_swap`` and the
+per-sample ``gamma`` come from a seeded ``torch.Generator``.
 Gradients flow through plain tensor ops.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from medssl_scale.kernels import philox
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -26,19 +32,23 @@ def masked_count(channels: int, ratio: float) -> int:
 
 
 def channel_keep(x: torch.Tensor, ratio: float, seed: int, per_token: bool) -> torch.Tensor:
-    """The keep mask of :func:`channel_mask` (1 keep, 0 masked), broadcastable to ``x`` [B, C, *spatial]."""
+    """The keep mask of :func:`channel_mask` (1 keep, 0 masked), broadcastable to ``x`` [B, C, *spatial].
+
+    Scores are Triton's Philox uniforms at element offsets (channel ``c`` of
+    token ``t`` at ``t * C + c``; tokens in (batch, spatial) order), and the
+    ``k`` lowest scores of a token are its masked channels: exactly ``k`` per
+    token, and the same numbers a fused kernel draws.
+    """
     b, c = x.shape[:2]
     k = masked_count(c, ratio)
-    g = _generator(x.device, seed)
     if not per_token:
-        # The released recipe: one channel subset per step, the same for every token and sample.
-        masked = torch.randperm(c, generator=g, device=g.device)[:k].to(x.device)
-        keep = torch.ones(c, dtype=x.dtype, device=x.device)
-        keep[masked] = 0
+        # The released recipe: one channel subset per step, the same for every token and sample (token 0's draw).
+        scores = philox.rand(seed, torch.arange(c, device=x.device))
+        keep = (scores.argsort().argsort() >= k).to(x.dtype)
         return keep.view(1, c, *([1] * (x.ndim - 2)))
     spatial = x.shape[2:]
-    scores = torch.rand((b, *spatial, c), generator=g, device=g.device).to(x.device)
-    # The k lowest scores of each token are its masked channels: exactly k per token.
+    tokens = b * math.prod(spatial)
+    scores = philox.rand(seed, torch.arange(tokens * c, device=x.device)).view(b, *spatial, c)
     ranks = scores.argsort(dim=-1).argsort(dim=-1)
     keep = (ranks >= k).to(x.dtype)
     return keep.movedim(-1, 1)
@@ -59,8 +69,9 @@ def channel_mask(x: torch.Tensor, ratio: float, seed: int, per_token: bool = Fal
 
 
 def gaussian_noise(x: torch.Tensor, std: float, seed: int) -> torch.Tensor:
-    g = _generator(x.device, seed)
-    return x + std * torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device)
+    """``x + std * n`` with ``n`` Triton's Philox normals at each element's offset in ``x``'s logical (contiguous) order."""
+    n = philox.randn(seed, torch.arange(x.numel(), device=x.device)).view(x.shape)
+    return x + std * n.to(x.dtype)
 
 
 def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
