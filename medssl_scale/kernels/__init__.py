@@ -1,14 +1,18 @@
 """Masking and disruption ops behind one dispatch point.
 
 Objectives call these functions and never choose an implementation. Each
-takes the run config's kernel backend: ``auto`` dispatches to a fused Triton
-kernel for CUDA tensors once one exists (the kernels issue) and to the
-PyTorch reference in :mod:`.reference` elsewhere; ``reference`` forces the
-reference everywhere (debugging, comparing the two); ``triton`` insists on
-the kernel.
+takes the run config's kernel backend: ``auto`` dispatches to the fused
+Triton kernel (:mod:`.triton_disrupt`) for CUDA tensors and to the PyTorch
+reference in :mod:`.reference` elsewhere; ``reference`` forces the reference
+everywhere (debugging, comparing the two); ``triton`` insists on the kernel
+(on a CPU only under ``TRITON_INTERPRET=1``, set before triton is imported).
+Both paths draw the same Philox numbers, so they agree element for element.
+Triton is imported only when a kernel runs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -21,18 +25,33 @@ def _use_triton(x: torch.Tensor, op: str, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
-        raise NotImplementedError(f"no Triton kernel for {op} yet: use kernels backend 'auto' or 'reference'")
-    return False  # no fused kernel yet: the reference is the implementation on every device
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"kernels backend 'triton' for {op} needs CUDA tensors (or TRITON_INTERPRET=1, set before "
+                             "triton is imported, to interpret it on the CPU); use 'auto' or 'reference' here")
+        return True
+    return backend == "auto" and x.is_cuda and _triton_available()
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def channel_mask(x: torch.Tensor, ratio: float, seed: int, per_token: bool = False, values: torch.Tensor | None = None,
                  backend: str = "auto") -> torch.Tensor:
-    _use_triton(x, "channel_mask", backend)
+    if _use_triton(x, "channel_mask", backend):
+        from medssl_scale.kernels.triton_disrupt import disrupt
+
+        return disrupt(x, ratio, seed, per_token, values)
     return reference.channel_mask(x, ratio, seed, per_token, values)
 
 
 def gaussian_noise(x: torch.Tensor, std: float, seed: int, backend: str = "auto") -> torch.Tensor:
-    _use_triton(x, "gaussian_noise", backend)
+    if _use_triton(x, "gaussian_noise", backend):
+        from medssl_scale.kernels.triton_disrupt import disrupt
+
+        return disrupt(x, 0.0, 0, std=std, noise_seed=seed)
     return reference.gaussian_noise(x, std, seed)
 
 
