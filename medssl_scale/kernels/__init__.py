@@ -55,6 +55,13 @@ def gaussian_noise(x: torch.Tensor, std: float, seed: int, backend: str = "auto"
     return reference.gaussian_noise(x, std, seed)
 
 
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, norm: str = "none", backend: str = "auto") -> torch.Tensor:
+    """MSE over the masked tokens ``ids`` [B, K] of ``pred``/``target`` [B, N, P]; see :mod:`.masked_mse`."""
+    from medssl_scale.kernels import masked_mse
+
+    return masked_mse.masked_loss(pred, target, ids, norm, fused=_use_triton(pred, "masked_loss", backend))
+
+
 def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return reference.downsample(x, factor)
 
@@ -67,4 +74,4 @@ def gamma(x: torch.Tensor, log_std: float, seed: int) -> torch.Tensor:
     return reference.gamma(x, log_std, seed)
 
 
-__all__ = ["BACKENDS", "channel_mask", "downsample", "gamma", "gaussian_noise", "patch_swap"]
+__all__ = ["BACKENDS", "channel_mask", "downsample", "gamma", "gaussian_noise", "masked_loss", "patch_swap"]

@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field
 
+from medssl_scale import kernels
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.dae import step_seed
 from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
@@ -66,10 +66,10 @@ def token_mask(batch: int, tokens: int, ratio: float, seed: int, device: torch.d
     return (order < k).to(device)
 
 
-def recovery_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """MSE between L2-normalised predicted and target features [B, N, C] over the hidden tokens only."""
-    p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
-    return ((p - t) ** 2).sum(-1)[mask].mean()
+def recovery_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    """MSE between L2-normalised predicted and target features [B, N, C] over the hidden tokens only (the same count per sample)."""
+    ids = mask.nonzero()[:, 1].view(mask.shape[0], -1)
+    return kernels.masked_loss(pred, target, ids, "l2", backend=backend)
 
 
 @register_objective("reprec")
@@ -105,7 +105,7 @@ class RepRec(nn.Module):
             mask = token_mask(b, f[0, 0].numel(), cfg.mask_ratio, step_seed(cfg.seed, step, rank, "tokens", micro), f.device)
             pred = self.net.masked_prediction(f if cfg.recovery_trains_cnn else f.detach(), mask)
             target = f.detach().flatten(2).transpose(1, 2)  # the CNN's own representations, stop-gradient
-            out["recovery"] = recovery_loss(pred, target, mask)
+            out["recovery"] = recovery_loss(pred, target, mask, cfg.kernels)
         else:  # stage A: the transformer waits (its parameters get no gradient, the same on every rank)
             out["recovery"] = deep[0].sum() * 0.0
         out["loss"] = cfg.contrastive_weight * out["contrastive"] + cfg.recovery_weight * out["recovery"]
