@@ -37,13 +37,18 @@ json.dump(out, open(sys.argv[1], "w"))
 """
 
 
-def test_philox_reference_matches_triton_bit_for_bit(tmp_path):
-    script = tmp_path / "draw.py"
-    script.write_text(_TRITON_DRAWS)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, str(script), str(tmp_path / "draws.json")], env=env, capture_output=True, text=True, timeout=300)
+def interpreted(tmp_path: Path, script: str, timeout: float = 600) -> dict:
+    """Run ``script`` (it writes JSON to argv[1]) with Triton's CPU interpreter; returns what it wrote."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(path), str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
-    draws = json.loads((tmp_path / "draws.json").read_text())
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+def test_philox_reference_matches_triton_bit_for_bit(tmp_path):
+    draws = interpreted(tmp_path, _TRITON_DRAWS)
     offs = torch.arange(2500)
     for seed, (u, r) in draws.items():
         assert torch.equal(philox.rand(int(seed), offs), torch.tensor(u, dtype=torch.float32)), seed
@@ -100,12 +105,7 @@ json.dump(out, open(sys.argv[1], "w"))
 
 def test_fused_disruption_kernel_matches_the_reference_forward_and_backward(tmp_path):
     """Shared and per-token masks, zero and learned fills, noise, non-contiguous input; then a DAE step on either path."""
-    script = tmp_path / "fused.py"
-    script.write_text(_FUSED_VS_REFERENCE)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(script), str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = interpreted(tmp_path, _FUSED_VS_REFERENCE)
     assert len(out["ops"]) == 8
     for case in out["ops"]:
         assert case["err"] < 1e-4, case
@@ -142,12 +142,7 @@ json.dump({"cases": out, "empty": [empty.item(), pred.grad.abs().sum().item()]},
 
 
 def test_fused_masked_loss_matches_the_reference(tmp_path):
-    script = tmp_path / "loss.py"
-    script.write_text(_MASKED_LOSS)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(script), str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = interpreted(tmp_path, _MASKED_LOSS)
     for case in out["cases"]:
         tol = 1e-5 if "float32" in case["dtype"] else 1e-3  # bf16 gradients are rounded on the way out
         assert case["loss_err"] < 1e-5 and case["grad_err"] < tol and case["unmasked_grad"] == 0, case
