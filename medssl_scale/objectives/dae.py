@@ -35,7 +35,11 @@ from pydantic import Field
 
 from medssl_scale import kernels
 from medssl_scale.objectives import register_objective
-from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
+from medssl_scale.objectives.losses import (
+    gather_from_ranks,
+    projection_head,
+    supervised_contrastive,
+)
 from medssl_scale.objectives.settings import ObjectiveConfig
 
 
@@ -73,8 +77,7 @@ class DisruptiveAutoencoder(nn.Module):
         self.mask_values = nn.Parameter(torch.zeros(c)) if self.cfg.mask_fill == "learned" else None
         b = self.net.bottleneck_channels
         # No projector without the contrastive term: unused parameters would stall DDP's gradient reduction.
-        self.projector = (nn.Sequential(nn.Linear(b, b), nn.ReLU(inplace=True), nn.Linear(b, self.cfg.projection_dim))
-                          if self.cfg.cmcl_weight > 0 else None)
+        self.projector = projection_head(b, self.cfg.projection_dim) if self.cfg.cmcl_weight > 0 else None
 
     def encoder(self) -> nn.Module:
         """What gets published: the network's encoder half, sharing this objective's parameters."""

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -58,3 +59,19 @@ def gather_from_ranks(features: torch.Tensor, *labels: torch.Tensor) -> tuple[to
         dist.all_gather(parts, t.contiguous())
         out.append(torch.cat(parts))
     return tuple(out)
+
+
+def projection_head(c: int, d: int) -> nn.Sequential:
+    """The two-layer MLP (C -> C -> D) the contrastive terms project pooled features through."""
+    return nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, d))
+
+
+def two_view_nce(z: torch.Tensor, rank: int, temperature: float) -> torch.Tensor:
+    """NT-Xent over the global batch: ``z`` [2B, D] is view 1 of B samples then view 2 of the same samples.
+
+    The two views of a sample are positives; every other crop on any rank is a negative.
+    """
+    b = z.shape[0] // 2
+    ident = torch.arange(b, device=z.device).repeat(2) + b * rank  # unique across ranks once gathered
+    z, ident = gather_from_ranks(z.float(), ident)
+    return supervised_contrastive(z, ident, temperature)

@@ -30,6 +30,7 @@ from pydantic import Field
 
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.dae import step_seed
+from medssl_scale.objectives.losses import projection_head
 from medssl_scale.objectives.settings import ObjectiveConfig
 
 
@@ -69,7 +70,7 @@ class LRC(nn.Module):
         if not getattr(host, "DENSE_VIEWS", False):
             raise ValueError(f"lrc needs a host objective that keeps dense features of two views (pcrlv2); {type(host).__name__} does not")
         c = host.dense_channels
-        self.projector = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, self.cfg.projection_dim))
+        self.projector = projection_head(c, self.cfg.projection_dim)
         host.keep_dense = True
         self.__dict__["_host"] = host  # a reference, not a submodule: the composite registers the host once
 

@@ -35,7 +35,11 @@ from pydantic import Field
 from medssl_scale import kernels
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.dae import step_seed
-from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
+from medssl_scale.objectives.losses import (
+    projection_head,
+    supervised_contrastive,
+    two_view_nce,
+)
 from medssl_scale.objectives.settings import ObjectiveConfig
 
 
@@ -76,7 +80,7 @@ class MixCL(nn.Module):
         self.net = self.cfg.build_net()
         c_top, c_dec = self.net.channels[-1], self.net.pyramid_channels[-1]
         d = self.cfg.projection_dim
-        self.identity_head = nn.Sequential(nn.Linear(c_top, c_top), nn.ReLU(inplace=True), nn.Linear(c_top, d))
+        self.identity_head = projection_head(c_top, d)
         self.voxel_head = nn.Sequential(nn.Conv3d(c_dec, c_dec, 1), nn.ReLU(inplace=True), nn.Conv3d(c_dec, d, 1))
 
     def encoder(self) -> nn.Module:
@@ -102,12 +106,7 @@ class MixCL(nn.Module):
             voxels.append(self.voxel_head(pyramid[-1]))
         losses = {"reconstruction": recon}
 
-        # identity: the two views of a sample are positives; every other crop of the global batch is a negative
-        b = pooled[0].shape[0]
-        z = self.identity_head(torch.cat(pooled)).float()
-        ident = torch.arange(b, device=z.device).repeat(2) + b * rank  # unique across ranks once gathered
-        z, ident = gather_from_ranks(z, ident)
-        losses["identity"] = supervised_contrastive(z, ident, cfg.identity_temperature)
+        losses["identity"] = two_view_nce(self.identity_head(torch.cat(pooled)), rank, cfg.identity_temperature)
 
         # label: class-balanced voxels of both views, unknown voxels excluded
         if "label1" in batch:

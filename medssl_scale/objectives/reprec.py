@@ -36,7 +36,7 @@ from pydantic import Field
 from medssl_scale import kernels
 from medssl_scale.objectives import register_objective
 from medssl_scale.objectives.dae import step_seed
-from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
+from medssl_scale.objectives.losses import projection_head, two_view_nce
 from medssl_scale.objectives.settings import ObjectiveConfig
 
 
@@ -81,7 +81,7 @@ class RepRec(nn.Module):
         self.cfg = RepRecConfig(**config)
         self.net = self.cfg.build_net()
         c = self.net.channels[-1]
-        self.projector = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, self.cfg.projection_dim))
+        self.projector = projection_head(c, self.cfg.projection_dim)
 
     def encoder(self) -> nn.Module:
         return self.net.encoder_module()
@@ -96,10 +96,7 @@ class RepRec(nn.Module):
                 deep.append(self.net.encoder.cnn_features(batch[f"view{v}"])[-1])
         out: dict[str, torch.Tensor] = {}
         b = deep[0].shape[0]
-        z = self.projector(torch.cat([f.mean(dim=(2, 3, 4)) for f in deep])).float()
-        ident = torch.arange(b, device=z.device).repeat(2) + b * rank  # unique across ranks once gathered
-        z, ident = gather_from_ranks(z, ident)
-        out["contrastive"] = supervised_contrastive(z, ident, cfg.temperature)
+        out["contrastive"] = two_view_nce(self.projector(torch.cat([f.mean(dim=(2, 3, 4)) for f in deep])), rank, cfg.temperature)
         if stage_b:
             f = deep[0]
             mask = token_mask(b, f[0, 0].numel(), cfg.mask_ratio, step_seed(cfg.seed, step, rank, "tokens", micro), f.device)
