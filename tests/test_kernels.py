@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from medssl_scale import kernels
 from medssl_scale.kernels import philox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +163,92 @@ def test_references_pass_gradcheck_in_double_precision():
     v = torch.randn(6, dtype=torch.float64, requires_grad=True)
     for per_token in (False, True):
         assert torch.autograd.gradcheck(lambda a, b, pt=per_token: reference.gaussian_noise(reference.channel_mask(a, 0.5, 3, pt, b), 0.2, 4), (x, v))
+
+
+# -- token masking (RepRec's representation recovery) -----------------------------------------
+
+def test_token_mask_reference_exact_counts_seeds_and_uniform_positions():
+    from medssl_scale.kernels import token_masking as tm
+
+    x = torch.randn(3, 50, 4) + 5
+    tok = torch.full((4,), -100.0)
+    y, ids = kernels.token_mask(x, 0.6, 9, tok)
+    assert ids.shape == (3, 30) and torch.equal(ids, ids.sort(dim=1).values)  # exactly round(0.6 N), ascending
+    hidden = (y == -100).all(-1)
+    assert torch.equal(hidden.nonzero()[:, 1].view(3, 30), ids)  # the ids are the rows that hold the mask token
+    torch.testing.assert_close(y[~hidden], x[~hidden])
+    assert not torch.equal(ids[0], ids[1])  # each sample its own subset
+    assert torch.equal(ids, kernels.token_mask(x, 0.6, 9, tok)[1])
+    assert not torch.equal(ids, kernels.token_mask(x, 0.6, 10, tok)[1])
+    y0, ids0 = kernels.token_mask(x, 0.0, 9, tok)
+    assert ids0.shape == (3, 0) and torch.equal(y0, x)  # ratio 0 masks nothing
+    assert tm.keys(4, 1000, 3, x.device).unique().numel() == 4000  # distinct keys: counts are exact even when draws tie
+    freq = torch.zeros(40)
+    for seed in range(400):
+        freq.index_add_(0, tm.mask_ids(1, 40, 0.25, seed, x.device)[0], torch.ones(10))
+    assert (freq / 400 - 0.25).abs().max() < 0.1  # every position is hidden about a quarter of the time
+
+
+def test_token_mask_reference_passes_gradcheck():
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    tok = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, t: kernels.token_mask(a, 0.5, 4, t, backend="reference")[0], (x, tok))
+
+
+_TOKEN_MASK = """
+import json, sys, torch
+from medssl_scale import kernels
+from medssl_scale.objectives import build_objective
+
+torch.manual_seed(0)
+out = {"ops": [], "objective": {}}
+for b, n, c, dtype, ratio in [(2, 7, 5, torch.float32, 0.6), (3, 300, 37, torch.float32, 0.75), (2, 216, 300, torch.bfloat16, 0.6),
+                              (2, 9, 4, torch.float32, 0.0), (1, 1, 3, torch.float32, 0.6)]:
+    base = torch.randn(b, c, n).to(dtype).requires_grad_()  # token-major [B, N, C] as a transpose: not contiguous
+    x = base.transpose(1, 2)
+    tok = torch.randn(c).to(dtype).requires_grad_()
+    g = torch.randn(b, n, c).to(dtype)
+    res = {}
+    for backend in ("reference", "triton"):
+        y, ids = kernels.token_mask(x, ratio, 2**40 + 17, tok, backend=backend)
+        gx, gt = torch.autograd.grad((y * g).float().sum(), [base, tok])
+        res[backend] = (y.detach().float(), ids, gx.float(), gt.float())
+    r, t = res["reference"], res["triton"]
+    out["ops"].append({"shape": [b, n, c], "dtype": str(dtype), "ids_equal": torch.equal(r[1], t[1]), "k": t[1].shape[1],
+                       "y_err": (r[0] - t[0]).abs().max().item(), "gx_err": (r[2] - t[2]).abs().max().item(),
+                       "gtok_err": ((r[3] - t[3]).abs().max() / (r[3].abs().max() + 1e-6)).item()})
+
+model = {"name": "reprec_hybrid", "channels": [4, 8, 16, 32], "dim": 16, "depth": 1, "heads": 2}
+x = torch.rand(2, 1, 24, 24, 24)
+for backend in ("reference", "triton"):
+    torch.manual_seed(0)
+    obj = build_objective("reprec", model=model, projection_dim=8, kernels=backend, recovery_trains_cnn=True)
+    losses = obj({"view1": x, "view2": x.flip(3)}, step=3, rank=1)
+    losses["loss"].backward()
+    out["objective"][backend] = {"recovery": losses["recovery"].item(),
+                                 "grads": {k: p.grad.flatten()[:50].tolist() for k, p in obj.named_parameters() if p.grad is not None}}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_fused_token_mask_matches_the_reference_and_reprec_agrees_on_either_path(tmp_path):
+    out = interpreted(tmp_path, _TOKEN_MASK)
+    for case in out["ops"]:
+        assert case["ids_equal"] and case["y_err"] == 0 and case["gx_err"] == 0 and case["gtok_err"] < 1e-2, case
+    assert [case["k"] for case in out["ops"]] == [4, 225, 130, 0, 1]
+    ref, tri = out["objective"]["reference"], out["objective"]["triton"]
+    assert ref["recovery"] > 0 and abs(ref["recovery"] - tri["recovery"]) < 1e-5
+    assert "net.mask_token" in tri["grads"] and tri["grads"].keys() == ref["grads"].keys()
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(torch.tensor(tri["grads"][name]), torch.tensor(g), rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_benchmark_runs_every_line_in_smoke_mode(tmp_path):
+    """No GPU in CI: ``--smoke`` keeps bench/kernels.py working (interpreter, compile's eager backend) until one runs it."""
+    out = tmp_path / "kernels.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--smoke", "--tokens", "8", "--channels", "16", "--batch", "2",
+                        "--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["disrupt_per_token_learned_noise", "masked_mse_l2", "token_mask"]
+    assert all(r[f"{label}_fwd_bwd_ms"] > 0 for r in rows for label in ("fused", "eager", "compiled"))

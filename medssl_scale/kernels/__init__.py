@@ -2,7 +2,8 @@
 
 Objectives call these functions and never choose an implementation. Each
 takes the run config's kernel backend: ``auto`` dispatches to the fused
-Triton kernel (:mod:`.triton_disrupt`) for CUDA tensors and to the PyTorch
+Triton kernel (:mod:`.triton_disrupt`, :mod:`.triton_token_masking`,
+:mod:`.masked_mse`) for CUDA tensors and to the PyTorch
 reference in :mod:`.reference` elsewhere; ``reference`` forces the reference
 everywhere (debugging, comparing the two); ``triton`` insists on the kernel
 (on a CPU only under ``TRITON_INTERPRET=1``, set before triton is imported).
@@ -62,6 +63,13 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, nor
     return masked_mse.masked_loss(pred, target, ids, norm, fused=_use_triton(pred, "masked_loss", backend))
 
 
+def token_mask(x: torch.Tensor, ratio: float, seed: int, mask_token: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``round(ratio N)`` tokens of each sample of ``x`` [B, N, C] replaced by ``mask_token`` [C]; returns (y, ids [B, K]); see :mod:`.token_masking`."""
+    from medssl_scale.kernels import token_masking as tm
+
+    return tm.token_mask(x, ratio, seed, mask_token, fused=_use_triton(x, "token_mask", backend))
+
+
 def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return reference.downsample(x, factor)
 
@@ -74,4 +82,4 @@ def gamma(x: torch.Tensor, log_std: float, seed: int) -> torch.Tensor:
     return reference.gamma(x, log_std, seed)
 
 
-__all__ = ["BACKENDS", "channel_mask", "downsample", "gamma", "gaussian_noise", "masked_loss", "patch_swap"]
+__all__ = ["BACKENDS", "channel_mask", "downsample", "gamma", "gaussian_noise", "masked_loss", "patch_swap", "token_mask"]

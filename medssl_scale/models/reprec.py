@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from medssl_scale import kernels
 from medssl_scale.models import register_encoder, register_model
 from medssl_scale.models.pcrl import _double, _encode
 
@@ -54,10 +55,16 @@ class HybridEncoder(nn.Module):
     def cnn_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return _encode(self.cnn["down"], self.cnn["pool"], x)
 
+    def embed_tokens(self, f: torch.Tensor) -> torch.Tensor:
+        """The deepest CNN map [B, C, d, h, w] as tokens [B, N, dim], before positions (a token-major view, no copy)."""
+        return self.embed(f).flatten(2).transpose(1, 2)
+
+    def positions(self, f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return sincos_3d(tuple(f.shape[2:]), self.dim, f.device).to(dtype)
+
     def tokens(self, f: torch.Tensor) -> torch.Tensor:
-        """The deepest CNN map [B, C, d, h, w] as tokens [B, N, dim] with positions."""
-        t = self.embed(f).flatten(2).transpose(1, 2)
-        return t + sincos_3d(tuple(f.shape[2:]), self.dim, f.device).to(t.dtype)
+        t = self.embed_tokens(f)
+        return t + self.positions(f, t.dtype)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.cnn_features(x)
@@ -82,9 +89,13 @@ class HybridNet(nn.Module):
     def encoder_module(self) -> HybridEncoder:
         return self.encoder
 
-    def masked_prediction(self, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Tokens of ``f`` with ``mask`` [B, N] (True: hidden) replaced by the mask token, through the transformer and the head: [B, N, C]."""
-        t = self.encoder.tokens(f)
-        pos = sincos_3d(tuple(f.shape[2:]), self.encoder.dim, f.device).to(t.dtype)
-        t = torch.where(mask[..., None], self.mask_token.to(t.dtype) + pos, t)  # a hidden token keeps only its position
-        return self.predictor(self.encoder.transformer(t))
+    def masked_prediction(self, f: torch.Tensor, ratio: float, seed: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``ratio`` of the tokens of ``f`` replaced by the mask token, through the transformer and the head.
+
+        Returns the prediction [B, N, C] and the hidden token ids [B, K]. Positions are added after masking, so
+        a hidden token keeps only its position.
+        """
+        t = self.encoder.embed_tokens(f)
+        t, ids = kernels.token_mask(t, ratio, seed, self.mask_token, backend)
+        t = t + self.encoder.positions(f, t.dtype)
+        return self.predictor(self.encoder.transformer(t)), ids

@@ -58,17 +58,8 @@ class RepRecConfig(ObjectiveConfig):
     freeze_cnn_after_stage_a: bool = False
 
 
-def token_mask(batch: int, tokens: int, ratio: float, seed: int, device: torch.device) -> torch.Tensor:
-    """[B, N] bool, exactly ``round(ratio * N)`` (at least 1) tokens hidden per sample, seeded."""
-    k = min(tokens, max(1, round(ratio * tokens)))
-    g = torch.Generator().manual_seed(seed)
-    order = torch.rand(batch, tokens, generator=g).argsort(dim=1)
-    return (order < k).to(device)
-
-
-def recovery_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, backend: str = "reference") -> torch.Tensor:
-    """MSE between L2-normalised predicted and target features [B, N, C] over the hidden tokens only (the same count per sample)."""
-    ids = mask.nonzero()[:, 1].view(mask.shape[0], -1)
+def recovery_loss(pred: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    """MSE between L2-normalised predicted and target features [B, N, C] over the hidden tokens ``ids`` [B, K] only."""
     return kernels.masked_loss(pred, target, ids, "l2", backend=backend)
 
 
@@ -95,14 +86,13 @@ class RepRec(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze):
                 deep.append(self.net.encoder.cnn_features(batch[f"view{v}"])[-1])
         out: dict[str, torch.Tensor] = {}
-        b = deep[0].shape[0]
         out["contrastive"] = two_view_nce(self.projector(torch.cat([f.mean(dim=(2, 3, 4)) for f in deep])), rank, cfg.temperature)
         if stage_b:
             f = deep[0]
-            mask = token_mask(b, f[0, 0].numel(), cfg.mask_ratio, step_seed(cfg.seed, step, rank, "tokens", micro), f.device)
-            pred = self.net.masked_prediction(f if cfg.recovery_trains_cnn else f.detach(), mask)
+            seed = step_seed(cfg.seed, step, rank, "tokens", micro)
+            pred, ids = self.net.masked_prediction(f if cfg.recovery_trains_cnn else f.detach(), cfg.mask_ratio, seed, cfg.kernels)
             target = f.detach().flatten(2).transpose(1, 2)  # the CNN's own representations, stop-gradient
-            out["recovery"] = recovery_loss(pred, target, mask, cfg.kernels)
+            out["recovery"] = recovery_loss(pred, target, ids, cfg.kernels)
         else:  # stage A: the transformer waits (its parameters get no gradient, the same on every rank)
             out["recovery"] = deep[0].sum() * 0.0
         out["loss"] = cfg.contrastive_weight * out["contrastive"] + cfg.recovery_weight * out["recovery"]
