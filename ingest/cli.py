@@ -6,6 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
+from ingest import partitions
 from ingest.deid import SecretError
 from ingest.discover import SourceError
 from ingest.runner import IngestConfig, OutputError, run_ingest
@@ -37,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Ingest medical image collections into a canonical dataset: Zarr v3 volumes (RAS), "
         "WebDataset shards and a manifest that accounts for every input. Re-running adds only new inputs.",
     )
-    p.add_argument("sources", nargs="+", type=Path, metavar="SRC", help="files or folders, searched recursively")
+    p.add_argument("sources", nargs="*", type=Path, metavar="SRC", help="files or folders, searched recursively")
     p.add_argument("--out", required=True, type=Path, metavar="DATASET", help="dataset directory (created or extended)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted ingest of this dataset")
@@ -57,14 +58,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hash-paths", action="store_true", help="record source paths as keyed hashes (folder names with identifiers)")
     p.add_argument("--subject-pattern", metavar="REGEX",
                    help="regex on the source path whose first group is the patient id, for formats without one (e.g. 'sub-[^/]+')")
+    p.add_argument("--partition", metavar="I/N", help="ingest only partition I of N (by a hash of each input) into "
+                   "DATASET/parts/, e.g. one pod of an Indexed Job each; then merge with --finalize N")
+    p.add_argument("--finalize", type=int, metavar="N", help="merge the N parts of a partitioned ingest into DATASET (no SRC)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="with --finalize: wait this long for parts to complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    if args.finalize is not None:
+        if args.sources or args.partition:
+            err.print("[red]medssl ingest: --finalize N merges parts already ingested: give it --out only")
+            return EXIT_ERROR
+        return finalize(args.out, args.finalize, args.wait, not args.no_progress)
+    if not args.sources:
+        err.print("[red]medssl ingest: give at least one SRC (or --finalize N to merge a partitioned ingest)")
+        return EXIT_ERROR
+    out, part = args.out, None
+    if args.partition:
+        try:
+            part = partitions.parse(args.partition)
+        except ValueError as e:
+            err.print(f"[red]medssl ingest: {e}")
+            return EXIT_ERROR
+        out = partitions.part_dir(args.out, *part)
     cfg = IngestConfig(
         sources=args.sources,
-        out=args.out,
+        out=out,
+        partition=part,
         workers=args.workers,
         resume=args.resume,
         spacing=args.spacing,
@@ -124,4 +149,34 @@ def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True)
         err.print(f"[yellow]{summary['failed_total']} input(s) failed: reasons in {cfg.out}/manifest.jsonl and {cfg.out}/logs/")
         if strict:
             return EXIT_FAILURES
+    return EXIT_OK
+
+
+def finalize(out: Path, n: int, wait_s: float, show_progress: bool = True) -> int:
+    """Merge the parts of a partitioned ingest; returns the exit code."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from medssl_scale.store.summary import render
+
+    err = Console(stderr=True)
+    if n < 1:
+        err.print(f"[red]medssl ingest: --finalize takes the number of parts (at least 1), got {n}")
+        return EXIT_ERROR
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                   disable=not show_progress)
+    task = bar.add_task("parts complete", total=n)
+    try:
+        with bar:
+            summary = partitions.finalize(out, n, wait_s, lambda done, total: bar.update(task, completed=done))
+    except partitions.PartitionError as e:
+        err.print(f"[red]medssl ingest: {e}")
+        return EXIT_ERROR
+    Console().print(render(summary, title=f"{n} parts merged into {out}"))
     return EXIT_OK

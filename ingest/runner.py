@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ingest import partitions
 from ingest.deid import Pseudonymizer, load_secret
 from ingest.discover import Item, Problem, discover, modality_for, parse_overrides
 from ingest.pipeline import Options, Result, sample_meta
@@ -65,6 +66,7 @@ class IngestConfig:
     secret_file: Path | None = None
     hash_paths: bool = False
     subject_pattern: str | None = None
+    partition: tuple[int, int] | None = None  # (i, N): ingest only partition i of N into ``out`` (see ingest.partitions)
 
     def pinned(self, fingerprint: str) -> dict[str, Any]:
         """The settings every run on one dataset must share: they decide what the stored data is."""
@@ -134,7 +136,9 @@ def run_ingest(cfg: IngestConfig, progress: Progress | None = None) -> tuple[dic
             shards = ShardWriter(ds, cfg.shard_size)
             _finish_pending_shards(ds, opts, known, shards)
 
-            found = discover(cfg.sources, overrides, skip=ds.root)
+            found = discover(cfg.sources, overrides, skip=_skip_root(cfg))
+            if cfg.partition:
+                found = partitions.select(found, *cfg.partition)
             for p in found.problems:
                 _record(manifest, known, [_problem_record(p, pseud, cfg.hash_paths)], stats, log)
             found.items += _dicom_items(found.dicom_files, pool, overrides, pseud, cfg.hash_paths, manifest, known, stats, log, progress)
@@ -162,6 +166,11 @@ def run_ingest(cfg: IngestConfig, progress: Progress | None = None) -> tuple[dic
         log.close()
         lock.release(finished)
     return summary, stats
+
+
+def _skip_root(cfg: IngestConfig) -> Path:
+    # A part is written inside the dataset (DATASET/parts/...): discovery must not descend into the dataset itself.
+    return cfg.out.parents[1] if cfg.partition else cfg.out
 
 
 def _check_output(ds: DatasetDir, settings: dict[str, Any]) -> None:

@@ -7,10 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+EXIT_STOPPED = 143
 LAUNCHER = Path(__file__).resolve().parents[2] / "launchers" / "rank.py"
 
 
-def _pretrain_args(p: argparse.ArgumentParser) -> None:
+def pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of one run: shared by ``medssl pretrain``, the launchers and the per-rank and per-node entries."""
     p.add_argument("--config", type=Path, required=True, help="run config (YAML), e.g. configs/dae/tiny.yaml")
     p.add_argument("--resume", default="auto", help="auto (the latest complete checkpoint of the run, if any), never, or a checkpoint directory")
     p.add_argument("--no-progress", action="store_true")
@@ -19,14 +21,17 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pre-train from a run config (one process, or one rank under a launcher)")
-    _pretrain_args(p)
+    pretrain_arguments(p)
     p.set_defaults(func=lambda a: _pretrain(a))
     launch = sub.add_parser("launch", help="run a config on several processes")
     where = launch.add_subparsers(dest="where", required=True, metavar="WHERE")
     local = where.add_parser("local", help="N ranks on this machine through torchrun")
     local.add_argument("--nproc", type=int, default=2)
-    _pretrain_args(local)
+    pretrain_arguments(local)
     local.set_defaults(func=_launch_local)
+    from launchers.k8s.cli import add_parsers
+
+    add_parsers(where)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -45,12 +50,14 @@ def _pretrain(args: argparse.Namespace) -> int:
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"{result['status']} at step {result['step']} ({result['world_size']} rank(s)); run directory {result['run_dir']}")
-    return 0
+    # Stopped early (SIGTERM) is not done: 128+15 tells torchrun and a Kubernetes Job to run it again, and
+    # the next start resumes from the checkpoint just written. Exit 0 would mark the pod's index complete.
+    return EXIT_STOPPED if result["step"] < cfg.steps else 0
 
 
 def pretrain_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="launchers/rank.py")
-    _pretrain_args(p)
+    pretrain_arguments(p)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return _pretrain(p.parse_args(argv))

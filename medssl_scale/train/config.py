@@ -53,6 +53,9 @@ class DeepSpeedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum: int = Field(1, ge=1)
+    # How long a collective may wait before the process group gives up: a dead peer then ends the run (and a
+    # Kubernetes Job restarts it from the last checkpoint) instead of hanging. DeepSpeed's default is 30 min.
+    timeout_s: int = Field(1800, ge=10)
     extra: dict[str, Any] = Field(default_factory=dict)  # merged into the DeepSpeed config as is
 
 

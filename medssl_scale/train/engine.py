@@ -14,6 +14,7 @@ import resource
 import signal
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     from medssl_scale.train.schedule import warmup_cosine
     from medssl_scale.train.tracking import Tracker
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.deepspeed.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"

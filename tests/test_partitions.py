@@ -1,0 +1,124 @@
+"""Partitioned ingest (one part per pod of an Indexed Job) + finalize equals a single-process ingest of the same inputs."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import pytest
+from sample_data import assert_same_dataset, mixed_collection, run_cli
+
+from ingest import partitions
+from medssl_scale.inspect import check_dataset
+from medssl_scale.store.layout import DatasetDir
+from medssl_scale.store.manifest import latest, read_manifest
+from medssl_scale.store.shards import read_index
+
+N = 3
+ARGS = ["--no-progress", "--chunk", "16", "--shard-shape", "32"]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """Every kind of input, plus copies of one image whose names fall into every partition (duplicates across parts)."""
+    col = mixed_collection(tmp_path_factory.mktemp("src") / "col")
+    image = sorted((col / "phantoms").rglob("*.nii.gz"))[0]
+    seen: set[int] = set()
+    for k in range(100):
+        name = f"copies/c{k}.nii.gz"
+        part = partitions.partition_of(f"col/{name}", N)
+        if part not in seen:
+            seen.add(part)
+            (col / name).parent.mkdir(exist_ok=True)
+            shutil.copy(image, col / name)
+    assert seen == set(range(N))
+    return col
+
+
+@pytest.fixture(scope="module")
+def single(collection, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "ds"
+    run_cli("ingest", str(collection), "--out", str(out), *ARGS)
+    return out
+
+
+def _parts(collection, out, n=N, extra=()):
+    for i in range(n):
+        run_cli("ingest", str(collection), "--out", str(out), "--partition", f"{i}/{n}", *ARGS, *(["--workers", "2"] if i == 0 else []),
+                *extra)
+
+
+def test_partition_of_is_stable_and_spreads():
+    assert partitions.partition_of("hospital-a/ct/0001.nii.gz", 8) == partitions.partition_of("hospital-a/ct/0001.nii.gz", 8)
+    assert [partitions.partition_of(f"x/{i}", 7) for i in range(3)] == [
+        int.from_bytes(__import__("hashlib").sha256(f"x/{i}".encode()).digest()[:8], "big") % 7 for i in range(3)]
+    counts = Counter(partitions.partition_of(f"site/{i:05d}.dcm", 4) for i in range(4000))
+    assert min(counts.values()) > 900
+    assert partitions.parse("2/5") == (2, 5)
+    for bad in ("5/5", "-1/3", "a/b", "3"):
+        with pytest.raises(ValueError, match="--partition"):
+            partitions.parse(bad)
+
+
+def test_partitioned_ingest_then_finalize_equals_a_single_ingest(collection, single, tmp_path):
+    out = tmp_path / "ds"
+    _parts(collection, out)
+    parts = sorted((out / "parts").iterdir())
+    assert [p.name for p in parts] == [f"part-{i:05d}-of-{N:05d}" for i in range(N)]
+    recs = [latest(read_manifest(DatasetDir(p).manifest)) for p in parts]
+    assert sum(len(r) for r in recs) == len(latest(read_manifest(DatasetDir(single).manifest)))  # every input in exactly one part
+    series = [r for rs in recs for r in rs.values() if r.format == "dicom" and r.status == "ok"]
+    assert len(series) == 2 and all(r.files and len(r.files) > 1 for r in series)  # each series whole, in one part
+
+    res = run_cli("ingest", "--out", str(out), "--finalize", str(N), "--no-progress")
+    assert "3 parts merged" in res.stdout
+    ds = DatasetDir(out)
+    assert check_dataset(ds) == []  # shard hashes, sample counts, manifest vs stores
+    assert_same_dataset(single, out)  # same manifest (owners of duplicates included), volume ids, arrays and labels
+    assert not (out / "parts").exists() and not ds.tmp.exists() and not ds.lock.exists()
+    index = read_index(ds)
+    ok = [r for r in latest(read_manifest(ds.manifest)).values() if r.kind == "image" and r.status == "ok"]
+    assert index["samples"] == len(ok) and sorted(v for s in index["shards"] for v in s["volume_ids"]) == sorted(r.volume_id for r in ok)
+    dups = [r for r in latest(read_manifest(ds.manifest)).values() if r.duplicate_of]
+    assert len(dups) == N  # the original and N copies: one owner, N duplicates, whichever parts they were in
+
+    # A later ingest of the same inputs into the merged dataset finds nothing to do.
+    again = run_cli("ingest", str(collection), "--out", str(out), *ARGS)
+    assert "done: 0 processed" in sorted(ds.logs.glob("ingest-*.log"))[-1].read_text()
+    assert again.returncode == 0
+
+
+def test_finalize_waits_for_parts_and_refuses_mismatched_ones(collection, tmp_path):
+    out = tmp_path / "ds"
+    run_cli("ingest", str(collection), "--out", str(out), "--partition", f"0/{N}", *ARGS)
+    res = run_cli("ingest", "--out", str(out), "--finalize", str(N), "--wait", "1", "--no-progress", check=False)
+    assert res.returncode == 2 and f"2 of {N} part(s)" in res.stderr and "part-00001-of-00003" in res.stderr
+    for i in (1, 2):
+        run_cli("ingest", str(collection), "--out", str(out), "--partition", f"{i}/{N}", *ARGS[:-2], "--shard-shape", "64")
+    res = run_cli("ingest", "--out", str(out), "--finalize", str(N), "--no-progress", check=False)
+    assert res.returncode == 2 and "shard_shape" in res.stderr and "other settings" in res.stderr
+    assert not DatasetDir(out).manifest.exists()  # nothing merged
+    res = run_cli("ingest", str(collection), "--out", str(out), "--finalize", "3", check=False)
+    assert res.returncode == 2 and "--out only" in res.stderr
+
+
+def test_a_finalize_killed_midway_is_finished_by_running_it_again(collection, single, tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    _parts(collection, out)
+    calls = {"n": 0}
+    real = partitions.publish_dir
+
+    def dies_on_the_fourth_move(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real(src, dst)
+
+    monkeypatch.setattr(partitions, "publish_dir", dies_on_the_fourth_move)
+    with pytest.raises(KeyboardInterrupt):
+        partitions.finalize(out, N)
+    assert (out / ".finalize-plan.json").exists() and DatasetDir(out).lock.exists()
+    monkeypatch.setattr(partitions, "publish_dir", real)
+    partitions.finalize(out, N)
+    assert check_dataset(DatasetDir(out)) == []
+    assert_same_dataset(single, out)
