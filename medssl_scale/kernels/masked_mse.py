@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 Norm = Literal["none", "patch", "l2"]
@@ -92,6 +93,7 @@ class FusedMaskedLoss(torch.autograd.Function):
         return per.mean() if per.numel() else per.sum()
 
     @staticmethod
+    @once_differentiable  # a second derivative would need a kernel of its own
     def backward(ctx, grad):
         triton, rows = _kernels()
         pred, target, ids = ctx.saved_tensors

@@ -10,13 +10,12 @@ Which tokens: each token gets a key from Triton's Philox at its offset
 in the low 32 bits, so keys are distinct and the count is exact even when
 two draws tie), and the ``k`` lowest keys of a sample are masked.
 
-Fused path, two kernels: one program per sample sorts its N keys, writes its
-ids (a prefix sum compacts them in order) and the k-th key; then one pass
-over x writes y, each token drawing its key again and comparing it with its
-sample's k-th key. Backward is the same pass on the gradient (masked rows get
-zero, their sum is the mask token's gradient), so nothing [B, N] is saved.
-One program sorts a whole sample, so N is limited to ``MAX_TOKENS``
-(:mod:`.triton_token_masking`).
+Fused path (:mod:`.triton_token_masking`), two kernels: one program per
+sample sorts its N keys, writes its ids (a prefix sum compacts them in order)
+and the k-th key; then one pass over x writes y, each token drawing its key
+again and comparing it with its sample's k-th key. Backward is the same pass
+on the gradient (masked rows get zero, their sum is the mask token's
+gradient), so nothing [B, N] is saved.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from __future__ import annotations
 import torch
 
 from medssl_scale.kernels import philox
-
-MAX_TOKENS = 1 << 16
 
 
 def masked_tokens(tokens: int, ratio: float) -> int:

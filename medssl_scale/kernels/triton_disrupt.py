@@ -15,6 +15,7 @@ uniform) and takes the k-th as the threshold.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -89,6 +90,7 @@ class FusedDisrupt(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second derivative would need a kernel of its own
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         ratio, mask_seed, per_token, has_values, shape, vdtype = ctx.args

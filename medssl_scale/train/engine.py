@@ -14,6 +14,7 @@ import resource
 import signal
 import socket
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     from medssl_scale.train.schedule import warmup_cosine
     from medssl_scale.train.tracking import Tracker
 
+    # DeepSpeed's ZeRO calls a torch collective torch has renamed: one warning per step would bury a pod's log.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.deepspeed.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = cfg.run_dir
@@ -146,6 +149,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
         step = int(state["step"])
         if rank == 0:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
+            print(f"resumed from {source} (step {step} of {cfg.steps})", flush=True)  # a restarted pod's log says where it took up
 
     tracker = Tracker(cfg, enabled=rank == 0)
     stop = _Stop()
