@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 Norm = Literal["none", "patch", "l2"]
 NORMS = {"none": 0, "patch": 1, "l2": 2}

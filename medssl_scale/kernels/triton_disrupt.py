@@ -15,9 +15,9 @@ uniform) and takes the k-th as the threshold.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from medssl_scale.kernels import reference
 
