@@ -177,8 +177,8 @@ def _train_container(train: Train, cluster: Cluster, name: str, env: list[Obj]) 
     return {
         "name": name,
         "image": cluster.image,
-        "command": ["python", "-m", "launchers.node"],
-        "args": ["--config", f"{CONFIG_DIR}/config.yaml", "--resume", "auto", "--no-progress"],
+        # args, not command: the image's entrypoint (tini) stays PID 1 and passes the kubelet's SIGTERM on.
+        "args": ["python", "-m", "launchers.node", "--config", f"{CONFIG_DIR}/config.yaml", "--resume", "auto", "--no-progress"],
         "env": [
             *env,
             _env("MEDSSL_NNODES", train.nodes),
@@ -287,8 +287,7 @@ def _ingest_container(ingest: Ingest, cluster: Cluster, name: str, args: list[st
     return {
         "name": name,
         "image": cluster.image,
-        "command": ["medssl", "ingest"],
-        "args": args,
+        "args": ["medssl", "ingest", *args],
         "env": [*env, _secret_env("MEDSSL_SITE_SECRET", cluster.site_secret, "secret"), *_common_env()],
         "resources": {"requests": {"cpu": ingest.cpu, "memory": ingest.memory}, "limits": {"memory": ingest.memory}},
         "securityContext": _container_security(),
