@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 WORKDIR ?= demo-work
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean k8s
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# Rewrite the generated Kustomize bases (k8s/train, k8s/ingest) from launchers/k8s/manifests.py.
+k8s: venv
+	$(PY) -m launchers.k8s.kustomize k8s
 
 bench: venv
 	$(PY) bench/ingest.py
