@@ -5,23 +5,28 @@ hash falls in partition *i* into ``DS/parts/part-i-of-N/``, a complete dataset
 directory of its own (resumable, locked, as any ingest). Inputs are assigned
 by a hash of their source name, and DICOM files by the hash of their folder,
 so a series (one folder, as scanners and PACS exports write them) stays in one
-part. ``medssl ingest --out DS --finalize N`` waits until every part is
-complete, then merges them into DS:
+part; finalize refuses a series that was split anyway. ``medssl ingest --out DS
+--finalize N`` waits until every part is complete, then merges them into DS:
 
 - volumes and label maps are renamed into DS's Zarr groups (the same
   filesystem: no copy);
 - shards are renamed into ``DS/shards`` and numbered after DS's own, and the
   shard indices merged;
 - manifests are merged; content stored by several parts (duplicates across
-  parts) is owned by the input a single-process ingest with one worker would
-  have met first (other formats before DICOM series, then by source name), and
-  the others are recorded as its duplicates, exactly as that ingest records
-  them; their copies, and their samples, are dropped.
+  parts), or already in DS, is owned by the input a single-process ingest
+  with one worker would have met first (DS's own first, then files by path,
+  then DICOM series by their first file: each part writes that order down),
+  and the others are recorded as its duplicates, exactly as that ingest
+  records them; their copies, and their samples, are dropped.
 
-The result equals a single-process ingest of the same inputs: the same
-manifest, volume ids and arrays (shard boundaries differ). Finalize is
-crash-safe: it writes its plan first and carries it out idempotently, so a
-killed finalize is finished by running it again.
+The result equals a single-process, one-worker ingest of the same inputs:
+the same manifest, volume ids and arrays (shard boundaries differ). With
+``--workers`` > 1 in a part, which of two identical inputs *in that part* owns
+the content depends on timing, as it does in any parallel ingest.
+
+Finalize is crash-safe: it locks DS and every part, writes its plan before
+the first move and carries it out idempotently, so a killed finalize is
+finished by running it again (a plain ingest of DS refuses meanwhile).
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ingest.discover import Found
+import numpy as np
+
+from ingest.discover import Found, Item
+from ingest.pipeline import duplicate_label_reason, duplicate_record
 from medssl_scale.store.layout import (
     DatasetDir,
     LockedError,
@@ -45,7 +53,7 @@ from medssl_scale.store.layout import (
     publish_dir,
 )
 from medssl_scale.store.manifest import ManifestRecord, latest, read_manifest
-from medssl_scale.store.shards import END_OF_ARCHIVE, _HashingFile, read_index
+from medssl_scale.store.shards import file_digest, filter_shard, read_index
 from medssl_scale.store.summary import summarize
 from medssl_scale.store.volumes import label_store, volume_store
 
@@ -71,7 +79,7 @@ def parse(spec: str) -> tuple[int, int]:
 
 
 def part_dir(out: Path, i: int, n: int) -> Path:
-    return Path(out) / "parts" / f"part-{i:05d}-of-{n:05d}"
+    return DatasetDir(out).parts / f"part-{i:05d}-of-{n:05d}"
 
 
 def select(found: Found, i: int, n: int) -> Found:
@@ -82,6 +90,13 @@ def select(found: Found, i: int, n: int) -> Found:
         # By folder: every file of a series (one folder) lands in the same part, which groups it.
         dicom_files=[(path, name) for path, name in found.dicom_files if partition_of(name.rsplit("/", 1)[0], n) == i],
     )
+
+
+def write_order(ds: DatasetDir, items: list[Item], name: Callable[[str], str]) -> None:
+    """For finalize: per image (as the manifest names it), where a one-worker ingest meets it, and its label map's name."""
+    order = {name(it.source): {"key": [it.kind == "dicom", it.paths[0]], "label": name(it.label_source) if it.label_source else None}
+             for it in items}
+    atomic_write_text(ds.part_order, json.dumps(order))
 
 
 def _complete(part: Path) -> bool:
@@ -105,123 +120,165 @@ def wait_for_parts(out: Path, n: int, wait_s: float, progress: Callable[[int, in
         time.sleep(min(10.0, max(0.2, wait_s / 100)))
 
 
-def _precedence(rec: ManifestRecord) -> tuple[bool, str]:
-    # The order a single-process, one-worker ingest meets inputs in: files sorted by name, then DICOM series.
-    return (rec.format == "dicom", rec.source)
+class _Merge:
+    """The merged manifest and, per kept volume id, which part's copy is kept (None: DS's own)."""
+
+    def __init__(self, ds: DatasetDir, parts: list[Path]):
+        self.ds, self.parts = ds, parts
+        self.current = latest(read_manifest(ds.manifest))
+        vols = volume_store(ds)
+        self.held = {vid: vols.attrs(vid).get("source") for vid in vols.ids()}  # what DS stores, and whose it is
+        self.order: dict[str, dict[str, Any]] = {}
+        self.part_of: dict[str, int] = {}
+        for k, part in enumerate(parts):
+            pds = DatasetDir(part)
+            recs = latest(read_manifest(pds.manifest))
+            self.current.update(recs)
+            self.order |= json.loads(pds.part_order.read_text()) if pds.part_order.exists() else {}
+            self.part_of |= {r.source: k for r in recs.values() if r.kind == "image"}
+        self.origin: dict[str, int | None] = {}
+        self.label_moves: list[tuple[int, str]] = []
+
+    def _key(self, rec: ManifestRecord) -> tuple:
+        if self.held.get(rec.volume_id) == rec.source:
+            return (0,)  # DS's own owner stays the owner, as it would in a re-run of a single ingest
+        o = self.order.get(rec.source)
+        return (1, *o["key"]) if o else (1, rec.format == "dicom", rec.source)
+
+    def resolve(self) -> list[ManifestRecord]:
+        cur = self.current
+        owners: dict[str, list[ManifestRecord]] = {}
+        for r in cur.values():
+            if r.kind == "image" and r.status == "ok" and r.volume_id:
+                owners.setdefault(r.volume_id, []).append(r)
+        owner_of: dict[str, str] = {}
+        for vid, recs in owners.items():
+            winner = min(recs, key=self._key)
+            if vid in self.held and self.held[vid] != winner.source:
+                owner_of[vid] = self.held[vid]  # DS holds it under another input: every part's copy is a duplicate
+                losers = recs
+            else:
+                owner_of[vid], losers = winner.source, [r for r in recs if r is not winner]
+                self.origin[vid] = None if vid in self.held else self.part_of[winner.source]
+                if vid in self.held and winner.source in self.part_of:
+                    self._label_for_held(winner)
+            for r in losers:
+                self._demote(r, vid)
+        for r in list(cur.values()):  # duplicates a part resolved itself name the merged dataset's owner
+            if r.kind == "image" and r.duplicate_of and r.duplicate_of in owner_of and r.status == "skipped":
+                cur[r.key] = r.model_copy(update={"reason": duplicate_record({"source": r.source}, r.duplicate_of,
+                                                                              owner_of[r.duplicate_of]).reason})
+        return sorted(cur.values(), key=lambda r: (r.source, r.kind))
+
+    def _demote(self, rec: ManifestRecord, vid: str) -> None:
+        owner = self.held.get(vid) if vid in self.held and vid not in self.origin else None
+        owner = owner or min((r for r in self.current.values() if r.volume_id == vid and r.kind == "image" and r.status == "ok"
+                              and r is not rec), key=self._key).source
+        base = {k: getattr(rec, k) for k in ("source", "files", "source_sha256", "source_bytes", "source_mtime_ns")}
+        self.current[rec.key] = duplicate_record(base, vid, owner)
+        label = (self.order.get(rec.source) or {}).get("label") or rec.label_source
+        lab = self.current.get(("label", label)) if label else None
+        if lab is not None:  # ok or failed, the label map of a duplicate is skipped with it
+            self.current[lab.key] = ManifestRecord(source=lab.source, kind="label", status="skipped", reason=duplicate_label_reason(vid),
+                                                   source_bytes=lab.source_bytes, source_mtime_ns=lab.source_mtime_ns)
+
+    def _label_for_held(self, rec: ManifestRecord) -> None:
+        """A part re-ingested an input DS holds (its label map appeared or changed): as a single ingest's label attach."""
+        if not rec.has_label:
+            return
+        k = self.part_of[rec.source]
+        labels, part_labels = label_store(self.ds), label_store(DatasetDir(self.parts[k]))
+        if not part_labels.exists(rec.volume_id):
+            return
+        if not labels.exists(rec.volume_id):
+            self.label_moves.append((k, rec.volume_id))
+            note = "label map added after the volume was sharded: it is in labels.zarr, not in the shard sample"
+            self.current[rec.key] = rec.model_copy(update={"warnings": [*(rec.warnings or []), note]})
+        elif not np.array_equal(labels.read(rec.volume_id), part_labels.read(rec.volume_id)):
+            reason = "differs from the label map already stored for this volume (labels are never replaced: ingest into a new dataset)"
+            self.current[rec.key] = rec.model_copy(update={"has_label": False, "label_source": None})
+            lab = self.current[("label", rec.label_source)]
+            self.current[lab.key] = lab.model_copy(update={"status": "failed", "reason": reason})
 
 
-def merge_records(existing: list[ManifestRecord], parts: list[list[ManifestRecord]]) -> tuple[list[ManifestRecord], dict[str, int | None]]:
-    """The merged manifest, and for each kept volume id the part its copy comes from (None: DS already holds it)."""
-    current = latest(existing)
-    held = {r.volume_id: r.source for r in current.values() if r.kind == "image" and r.status == "ok" and r.volume_id}
-    for recs in parts:
-        current.update(latest(recs))
-    source_part = {r.source: k for k, recs in enumerate(parts) for r in recs if r.kind == "image"}
-    by_vid: dict[str, list[ManifestRecord]] = {}
-    for r in current.values():
-        if r.kind == "image" and r.status == "ok" and r.volume_id:
-            by_vid.setdefault(r.volume_id, []).append(r)
-    origin: dict[str, int | None] = {}
-    for vid, owners in by_vid.items():
-        if vid in held and held[vid] in {r.source for r in owners}:
-            winner = next(r for r in owners if r.source == held[vid])
-        else:
-            winner = min(owners, key=_precedence)
-        origin[vid] = None if vid in held and winner.source == held[vid] else source_part[winner.source]
-        for r in owners:
-            if r is not winner:
-                _demote(current, r, vid, winner.source)
-    # Duplicates a part recorded itself name that part's owner: name the owner of the merged dataset.
-    for r in list(current.values()):
-        if r.kind == "image" and r.duplicate_of and r.duplicate_of in by_vid:
-            owner = next(o for o in by_vid[r.duplicate_of] if current[o.key].status == "ok").source
-            current[r.key] = r.model_copy(update={"reason": f"duplicate of {r.duplicate_of} (same content as {owner})"})
-    return sorted(current.values(), key=lambda r: (r.source, r.kind)), origin
+def _split_series(parts: list[Path]) -> list[str]:
+    """Series (``#series-<hash>`` sources) found in more than one part: their files were in several folders."""
+    seen: dict[str, set[int]] = {}
+    for k, part in enumerate(parts):
+        for r in read_manifest(DatasetDir(part).manifest):
+            m = re.search(r"#series-([0-9a-f]+)$", r.source)
+            if m:
+                seen.setdefault(m.group(1), set()).add(k)
+    return sorted(h for h, ks in seen.items() if len(ks) > 1)
 
 
-def _demote(current: dict, rec: ManifestRecord, vid: str, owner: str) -> None:
-    """What the pipeline records for an input whose content another input already stored."""
-    base = {k: getattr(rec, k) for k in ("source", "files", "source_sha256", "source_bytes", "source_mtime_ns")}
-    current[rec.key] = ManifestRecord(status="skipped", reason=f"duplicate of {vid} (same content as {owner})", duplicate_of=vid, **base)
-    lab = current.get(("label", rec.label_source)) if rec.label_source else None
-    if lab is not None:
-        current[lab.key] = ManifestRecord(source=lab.source, kind="label", status="skipped", reason=f"its image is a duplicate of {vid}",
-                                          source_bytes=lab.source_bytes, source_mtime_ns=lab.source_mtime_ns)
-
-
-def _plan(ds: DatasetDir, parts: list[Path], origin: dict[str, int | None]) -> dict[str, Any]:
+def _plan(ds: DatasetDir, parts: list[Path], merge: _Merge) -> dict[str, Any]:
     """Every move finalize makes, decided before the first one (and saved, so a rerun carries out the same)."""
     index = read_index(ds)
     moves, shards = [], []
     for k, part in enumerate(parts):
         pds = DatasetDir(part)
-        for store, root in (("volumes.zarr", pds.volumes), ("labels.zarr", pds.labels)):
-            for vid in sorted(p.name for p in root.iterdir() if (p / "zarr.json").exists()) if root.exists() else []:
-                if origin.get(vid, -1) == k:
-                    moves.append([str(root / vid), str(ds.root / store / vid)])
+        for store, own in ((volume_store(pds), volume_store(ds)), (label_store(pds), label_store(ds))):
+            moves += [[str(store.path / vid), str(own.path / vid)] for vid in store.ids() if merge.origin.get(vid, -1) == k]
+        moves += [[str(label_store(pds).path / vid), str(label_store(ds).path / vid)] for kk, vid in merge.label_moves if kk == k]
         for s in read_index(pds)["shards"]:
-            keep = [v for v in s["volume_ids"] if origin.get(v, -1) == k]
+            keep = [v for v in s["volume_ids"] if merge.origin.get(v, -1) == k]
             if keep:
-                name = f"shard-{len(index['shards']) + len(shards):06d}.tar"
-                shards.append({"src": str(pds.shards / s["name"]), "name": name, "keep": keep, "whole": keep == s["volume_ids"],
-                               "entry": {k2: v for k2, v in s.items() if k2 != "name"}})
-    return {"moves": moves, "shards": shards}
-
-
-def _copy_samples(src: Path, dst_tmp: Path, keep: set[str]) -> dict[str, Any]:
-    """A shard with only the samples of ``keep`` (a duplicate's sample is dropped): bytes of kept members as they were."""
-    out = _HashingFile(dst_tmp)
-    with tarfile.open(src, "r|") as tf:
-        for m in tf:
-            if m.name.split(".", 1)[0] not in keep:
-                continue
-            data = tf.extractfile(m).read() if m.isfile() else b""
-            m.pax_headers = dict(m.pax_headers)
-            out.write(m.tobuf(format=tarfile.PAX_FORMAT))
-            out.write(data)
-            pad = -len(data) % tarfile.BLOCKSIZE
-            if pad:
-                out.write(b"\0" * pad)
-    out.write(END_OF_ARCHIVE)
-    out.f.flush()
-    os.fsync(out.f.fileno())
-    out.f.close()
-    return {"bytes": out.size, "sha256": out.sha.hexdigest()}
+                shards.append({"src": str(pds.shards / s["name"]), "name": f"shard-{len(index['shards']) + len(shards):06d}.tar",
+                               "keep": keep, "whole": keep == s["volume_ids"], "entry": {x: s[x] for x in ("bytes", "sha256")}})
+    return {"moves": moves, "shards": shards, "parts": [str(p) for p in parts]}
 
 
 def finalize(out: Path, n: int, wait_s: float = 0.0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Merge the ``n`` parts of ``out`` into it; returns the dataset summary."""
-    ds = DatasetDir(out)
-    plan_path = ds.root / ".finalize-plan.json"
-    if not plan_path.exists():
-        parts = wait_for_parts(out, n, wait_s, progress)
-    else:
-        parts = [part_dir(out, i, n) for i in range(n)]
-    lock = WriterLock(ds.lock)
+    ds = DatasetDir(Path(out).resolve())
+    if not ds.finalize_plan.exists():
+        wait_for_parts(ds.root, n, wait_s, progress)
+    parts = [part_dir(ds.root, i, n) for i in range(n)]
+    locks = [WriterLock(ds.lock)] + [WriterLock(DatasetDir(p).lock) for p in parts if p.exists()]
     try:
-        lock.acquire()
+        for lock in locks:
+            lock.acquire()
     except LockedError as e:
-        raise PartitionError(str(e)) from None
+        for lock in locks:
+            lock.release(finished=False)
+        raise PartitionError(f"{e}: finalize waits for it to finish") from None
     finished = False
     try:
-        if plan_path.exists():
-            state = json.loads(plan_path.read_text())
+        if ds.finalize_plan.exists():
+            state = json.loads(ds.finalize_plan.read_text())
         else:
+            if locks[0].interrupted:
+                raise PartitionError(f"{ds.root} holds an interrupted ingest: finish it with --resume before merging parts into it")
             settings = _common_settings(ds, parts)
-            records, origin = merge_records(read_manifest(ds.manifest), [read_manifest(DatasetDir(p).manifest) for p in parts])
+            split = _split_series(parts)
+            if split:
+                raise PartitionError(f"{len(split)} DICOM series are split across parts (their files lie in several folders): "
+                                     "ingest such a collection without --partition, or gather each series into one folder")
+            merge = _Merge(ds, parts)
+            records = merge.resolve()
             state = {"settings": settings, "records": [r.model_dump(mode="json", exclude_none=True) for r in records],
-                     **_plan(ds, parts, origin)}
-            atomic_write_text(plan_path, json.dumps(state))
-        _carry_out(ds, state)
-        plan_path.unlink()
-        shutil.rmtree(ds.root / "parts", ignore_errors=True)
+                     **_plan(ds, parts, merge)}
+            atomic_write_text(ds.finalize_plan, json.dumps(state))
+        records = [ManifestRecord.model_validate(r) for r in state["records"]]
+        _carry_out(ds, state, records)
+        summary = summarize(ds, records)
+        atomic_write_text(ds.summary, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        # Only the parts this finalize merged go; the plan goes once nothing of them is left to move.
+        done = ds.tmp / "merged-parts"
+        done.mkdir(parents=True, exist_ok=True)
+        for p in map(Path, state["parts"]):
+            if p.exists():
+                os.replace(p, done / p.name)
+        ds.finalize_plan.unlink()
         shutil.rmtree(ds.tmp, ignore_errors=True)
+        if ds.parts.exists() and not any(ds.parts.iterdir()):
+            ds.parts.rmdir()
         finished = True
     finally:
-        lock.release(finished)
-    records = [ManifestRecord.model_validate(r) for r in state["records"]]
-    summary = summarize(ds, records)
-    atomic_write_text(ds.summary, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        for lock in locks[1:]:
+            lock.release(finished=False)  # the parts' folders are gone once finished
+        locks[0].release(finished)
     return summary
 
 
@@ -238,7 +295,7 @@ def _common_settings(ds: DatasetDir, parts: list[Path]) -> dict[str, Any]:
     return first
 
 
-def _carry_out(ds: DatasetDir, state: dict[str, Any]) -> None:
+def _carry_out(ds: DatasetDir, state: dict[str, Any], records: list[ManifestRecord]) -> None:
     if not ds.settings.exists():
         atomic_write_text(ds.settings, json.dumps(state["settings"], indent=1) + "\n")
     for store in (volume_store(ds), label_store(ds)):
@@ -251,32 +308,24 @@ def _carry_out(ds: DatasetDir, state: dict[str, Any]) -> None:
     ds.shards.mkdir(parents=True, exist_ok=True)
     ds.tmp.mkdir(parents=True, exist_ok=True)
     for s in state["shards"]:
+        if s["name"] in known:
+            continue
         dst = ds.shards / s["name"]
-        if s["name"] not in known:
-            entry = dict(s["entry"])
-            if not dst.exists():
-                if s["whole"]:
-                    os.replace(s["src"], dst)
-                else:
-                    tmp = ds.tmp / (s["name"] + ".partial")
-                    entry |= _copy_samples(Path(s["src"]), tmp, set(s["keep"]))
-                    os.replace(tmp, dst)
-            elif not s["whole"]:
-                entry |= _file_digest(dst)
-            entry |= {"samples": len(s["keep"]), "volume_ids": s["keep"]}
-            index["shards"].append({"name": s["name"], **entry})
+        entry = dict(s["entry"])
+        if not dst.exists():
+            if s["whole"]:
+                os.replace(s["src"], dst)
+            else:
+                tmp = ds.tmp / (s["name"] + ".partial")
+                entry = filter_shard(Path(s["src"]), tmp, set(s["keep"]))
+                os.replace(tmp, dst)
+        elif not s["whole"]:
+            entry = file_digest(dst)
+        index["shards"].append({"name": s["name"], "samples": len(s["keep"]), **entry, "volume_ids": s["keep"]})
     index["samples"] = sum(x["samples"] for x in index["shards"])
     atomic_write_text(ds.shard_index, json.dumps(index, indent=1) + "\n")
-    records = [ManifestRecord.model_validate(r) for r in state["records"]]
     atomic_write_text(ds.manifest, "".join(r.to_line() for r in records))
     ds.logs.mkdir(parents=True, exist_ok=True)
-    for log in (ds.root / "parts").glob("*/logs/*.log"):
-        os.replace(log, ds.logs / f"{log.parent.parent.name}-{log.name}")
-
-
-def _file_digest(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    for p in map(Path, state["parts"]):
+        for log in (p / "logs").glob("*.log"):
+            os.replace(log, ds.logs / f"{p.name}-{log.name}")

@@ -316,9 +316,9 @@ def _commit(prep: Prepared, opts: Options) -> Result:
     ds = DatasetDir(opts.out)
     owner, nbytes, sample, wrote = _store(ds, opts, vid, image, attrs, label_arr, classes, geo)
     if owner != base["source"]:
-        recs = [ManifestRecord(status="skipped", reason=f"duplicate of {vid} (same content as {owner})", duplicate_of=vid, **base)]
+        recs = [duplicate_record(base, vid, owner)]
         if prep.label_name:
-            recs.append(_label_record(item, prep.label_name, "skipped", reason=f"its image is a duplicate of {vid}"))
+            recs.append(_label_record(item, prep.label_name, "skipped", reason=duplicate_label_reason(vid)))
         return Result(recs)
 
     warnings, label_err = list(prep.warnings), prep.label_err
@@ -351,6 +351,15 @@ def _commit(prep: Prepared, opts: Options) -> Result:
     elif prep.label_name:
         recs.append(_label_record(item, prep.label_name, "ok", volume_id=vid, shape=list(label_arr.shape)))
     return Result(recs, nbytes, sample=sample)
+
+
+def duplicate_record(base: dict[str, Any], vid: str, owner: str) -> ManifestRecord:
+    """An input whose content ``owner`` stored already as ``vid``; ``base``: its naming fields (:func:`item_names`, digest)."""
+    return ManifestRecord(status="skipped", reason=f"duplicate of {vid} (same content as {owner})", duplicate_of=vid, **base)
+
+
+def duplicate_label_reason(vid: str) -> str:
+    return f"its image is a duplicate of {vid}"
 
 
 def _attach_label(ds: DatasetDir, opts: Options, vid: str, label: np.ndarray, classes: dict[str, str] | None,

@@ -142,6 +142,8 @@ def run_ingest(cfg: IngestConfig, progress: Progress | None = None) -> tuple[dic
             for p in found.problems:
                 _record(manifest, known, [_problem_record(p, pseud, cfg.hash_paths)], stats, log)
             found.items += _dicom_items(found.dicom_files, pool, overrides, pseud, cfg.hash_paths, manifest, known, stats, log, progress)
+            if cfg.partition:
+                partitions.write_order(ds, found.items, pseud.namer(cfg.hash_paths))
 
             vols = volume_store(ds)
             todo = [it for it in found.items if not _unchanged(it, known, pseud, cfg.hash_paths, vols)]
@@ -180,6 +182,9 @@ def _check_output(ds: DatasetDir, settings: dict[str, Any]) -> None:
         raise OutputError(f"cannot write the dataset directory {ds.root}: {e.strerror or e}") from e
     if not ds.is_dataset() and any(ds.root.iterdir()):
         raise OutputError(f"{ds.root} is not empty and not a medssl dataset: give --out a new or empty folder")
+    if ds.finalize_plan.exists():
+        raise OutputError(f"{ds.root} is being merged from its parts: finish that first by running the same "
+                          "`medssl ingest --out ... --finalize N` again")
     if not os.access(ds.root, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write the dataset directory {ds.root}: permission denied")
     if ds.settings.exists():

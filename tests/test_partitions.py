@@ -119,6 +119,69 @@ def test_a_finalize_killed_midway_is_finished_by_running_it_again(collection, si
         partitions.finalize(out, N)
     assert (out / ".finalize-plan.json").exists() and DatasetDir(out).lock.exists()
     monkeypatch.setattr(partitions, "publish_dir", real)
+    res = run_cli("ingest", str(collection), "--out", str(out), "--resume", *ARGS, check=False)
+    assert res.returncode == 2 and "being merged from its parts" in res.stderr  # a plain ingest would lose moved shards
     partitions.finalize(out, N)
     assert check_dataset(DatasetDir(out)) == []
     assert_same_dataset(single, out)
+
+
+def _two_sites(root, swap: bool):
+    """One image in two roots whose folder names sort the other way round from their paths (x1/site-z < x2/site-a)."""
+    src = sorted((mixed_collection(root / "col") / "phantoms").rglob("*.nii.gz"))
+    roots = [root / "x1" / "site-z", root / "x2" / "site-a"]
+    for r in roots:
+        r.mkdir(parents=True)
+    for k, image in enumerate(src):
+        shutil.copy(image, roots[k % 2] / image.name)
+    for k in range(50):  # the shared copy: one name per root that falls into different parts
+        name = f"shared-{k}.nii.gz"
+        if partitions.partition_of(f"site-z/{name}", 2) != partitions.partition_of(f"site-a/{name}", 2):
+            break
+    for r in roots:
+        shutil.copy(src[0], r / name)
+    return roots[::-1] if swap else roots
+
+
+@pytest.mark.parametrize("hash_paths", [False, True])
+def test_owners_of_duplicates_follow_a_single_ingest_with_several_roots_and_hashed_paths(tmp_path, hash_paths):
+    roots = _two_sites(tmp_path, swap=hash_paths)
+    extra = ["--hash-paths"] if hash_paths else []
+    run_cli("ingest", *map(str, roots), "--out", str(tmp_path / "single"), *ARGS, *extra)
+    for i in range(2):
+        run_cli("ingest", *map(str, roots), "--out", str(tmp_path / "parted"), "--partition", f"{i}/2", *ARGS, *extra)
+    run_cli("ingest", "--out", str(tmp_path / "parted"), "--finalize", "2", "--no-progress")
+    assert check_dataset(DatasetDir(tmp_path / "parted")) == []
+    assert_same_dataset(tmp_path / "single", tmp_path / "parted")
+    dups = [r for r in latest(read_manifest(DatasetDir(tmp_path / "single").manifest)).values() if r.duplicate_of]
+    assert len(dups) == 2  # the phantom's own copy and the shared one
+
+
+def test_a_label_map_added_later_arrives_through_a_partitioned_reingest(tmp_path):
+    import nibabel as nib
+
+    col = tmp_path / "col"
+    (col / "labels").mkdir(parents=True)
+    from medssl_scale.synth.phantoms import ct_phantom
+
+    for i in range(3):
+        p = ct_phantom(shape=(24, 20, 16), seed=i)
+        nib.save(nib.Nifti1Image(p.image, p.affine), col / f"p{i}.nii.gz")
+    flows = {"single": lambda: run_cli("ingest", str(col), "--out", str(tmp_path / "single"), *ARGS)}
+
+    def parted():
+        for i in range(2):
+            run_cli("ingest", str(col), "--out", str(tmp_path / "parted"), "--partition", f"{i}/2", *ARGS)
+        run_cli("ingest", "--out", str(tmp_path / "parted"), "--finalize", "2", "--no-progress")
+
+    flows["parted"] = parted
+    for flow in flows.values():
+        flow()
+    p = ct_phantom(shape=(24, 20, 16), seed=1)
+    nib.save(nib.Nifti1Image(p.label, p.affine), col / "labels" / "p1.nii.gz")  # the label map arrives later
+    for flow in flows.values():
+        flow()
+    assert check_dataset(DatasetDir(tmp_path / "parted")) == []
+    assert_same_dataset(tmp_path / "single", tmp_path / "parted")
+    rec = next(r for r in latest(read_manifest(DatasetDir(tmp_path / "parted").manifest)).values() if r.kind == "image" and r.source.endswith("p1.nii.gz"))
+    assert rec.has_label and rec.warnings and "label map added after" in rec.warnings[-1]

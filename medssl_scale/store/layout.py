@@ -70,6 +70,21 @@ class DatasetDir:
         """How the dataset was ingested (secret fingerprint, spacing, layout): later runs must agree."""
         return self.root / "ingest.json"
 
+    @property
+    def parts(self) -> Path:
+        """The parts of a partitioned ingest, each a dataset directory, until finalize merges them."""
+        return self.root / "parts"
+
+    @property
+    def finalize_plan(self) -> Path:
+        """Present while a finalize merges parts into this dataset (a killed one is finished by running it again)."""
+        return self.root / ".finalize-plan.json"
+
+    @property
+    def part_order(self) -> Path:
+        """In a part: the order a single ingest would meet its inputs in, and each image's label map (finalize reads it)."""
+        return self.root / "part-order.json"
+
     def is_dataset(self) -> bool:
         return any(p.exists() for p in (self.manifest, self.settings, self.lock))
 

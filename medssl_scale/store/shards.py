@@ -221,6 +221,43 @@ def iter_members(path: Path) -> Iterator[tarfile.TarInfo]:
         yield from tf
 
 
+def file_digest(path: Path) -> dict[str, Any]:
+    """``bytes`` and ``sha256`` of a file, as the index records them."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def filter_shard(src: Path, dst: Path, keep: set[str]) -> dict[str, Any]:
+    """Write ``dst`` with only the samples of ``keep`` from ``src``, their members' bytes as they were.
+
+    Members are copied in pieces (a sample's image may be hundreds of MB);
+    ``dst`` is sealed and fsynced. Returns its ``bytes`` and ``sha256``.
+    """
+    out = _HashingFile(dst)
+    try:
+        with open(src, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
+            members = tf.getmembers()
+            for i, m in enumerate(members):
+                if m.name.split(".", 1)[0] not in keep:
+                    continue
+                end = members[i + 1].offset if i + 1 < len(members) else m.offset_data + m.size + (-m.size % BLOCK)
+                raw.seek(m.offset)  # the member's header blocks (PAX included), data and padding, untouched
+                left = end - m.offset
+                while left:
+                    chunk = raw.read(min(left, 8 << 20))
+                    out.write(chunk)
+                    left -= len(chunk)
+        out.write(END_OF_ARCHIVE)
+        out.f.flush()
+        os.fsync(out.f.fileno())
+    finally:
+        out.f.close()
+    return {"bytes": out.size, "sha256": out.sha.hexdigest()}
+
+
 def verify_shards(ds: DatasetDir) -> list[str]:
     """Problems found by re-hashing every shard and counting its samples; empty if sound."""
     problems = []

@@ -48,11 +48,22 @@ def _pretrain(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:  # refusals and bad settings found once the run starts
         print(f"medssl pretrain: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"{result['status']} at step {result['step']} ({result['world_size']} rank(s)); run directory {result['run_dir']}")
     # Stopped early (SIGTERM) is not done: 128+15 tells torchrun and a Kubernetes Job to run it again, and
     # the next start resumes from the checkpoint just written. Exit 0 would mark the pod's index complete.
     return EXIT_STOPPED if result["step"] < cfg.steps else 0
+
+
+def _close_process_group() -> None:
+    # Left to interpreter exit, the communication backends' threads can abort the process ("terminate called
+    # without an active exception", seen after a refusal), which turns our exit status into SIGABRT.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def pretrain_main(argv: list[str]) -> int:
