@@ -9,7 +9,10 @@ where the node's rank and rank 0's address come from differs:
   ``RANK`` (the Kubeflow Training Operator's PyTorchJob sets the node's rank there);
 - ``MEDSSL_MASTER_ADDR`` / ``MEDSSL_MASTER_PORT``, else ``MASTER_ADDR`` /
   ``MASTER_PORT`` (PyTorchJob), port 29500 by default;
-- ``MEDSSL_NNODES`` (required), ``MEDSSL_NPROC_PER_NODE`` (1 by default: one per GPU).
+- ``MEDSSL_NNODES`` (required), ``MEDSSL_NPROC_PER_NODE`` (1 by default: one per GPU);
+- ``MEDSSL_SHUTDOWN_TIMEOUT``: how long torchrun waits for its ranks after a
+  SIGTERM before it kills them (its default, 30 s, is shorter than a large
+  checkpoint takes; the pod's grace period must be longer still).
 
 torchrun runs with static rendezvous and no in-place restarts: when a node
 dies the others fail (``deepspeed.timeout_s`` at the latest), the Job
@@ -59,13 +62,15 @@ def torchrun_args(env: Mapping[str, str], rank_args: list[str]) -> list[str]:
     nproc = _int(env, "MEDSSL_NPROC_PER_NODE", default="1", low=1)
     _, addr = _first(env, "MEDSSL_MASTER_ADDR", "MASTER_ADDR")
     port = _int(env, "MEDSSL_MASTER_PORT", "MASTER_PORT", default="29500", low=1)
+    shutdown = _int(env, "MEDSSL_SHUTDOWN_TIMEOUT", default="30", low=1)
     return [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={nproc}", f"--master-addr={addr}",
-            f"--master-port={port}", "--max-restarts=0", "-m", "launchers.rank", *rank_args]
+            f"--master-port={port}", "--max-restarts=0", f"--shutdown-timeout={shutdown}", "-m", "launchers.rank", *rank_args]
 
 
 def main(argv: list[str]) -> int:
     import argparse
 
+    from medssl_scale.store.layout import DatasetDir
     from medssl_scale.train.cli import pretrain_arguments
     from medssl_scale.train.config import load_run_config
 
@@ -73,11 +78,14 @@ def main(argv: list[str]) -> int:
     pretrain_arguments(p)
     run = p.parse_args(argv)
     try:
-        # A bad config fails the pod with exit code 2 before any rank starts: the Job's pod failure policy
-        # then fails the job instead of retrying what cannot succeed.
-        load_run_config(run.config, run.overrides)
+        # A bad config or a missing dataset fails the pod with exit code 2 before any rank starts: the Job's pod
+        # failure policy then fails the job instead of retrying what cannot succeed (a rank's own exit 2 would
+        # reach the Job as torchrun's 1).
+        cfg = load_run_config(run.config, run.overrides)
+        if not DatasetDir(cfg.data.dataset).manifest.exists():
+            raise FileNotFoundError(f"data.dataset {cfg.data.dataset}: no dataset there (no manifest.jsonl)")
         args = torchrun_args(os.environ, argv)
-    except (NodeEnvError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"launchers.node: {e}", file=sys.stderr)
         return 2
     print(f"launchers.node: torchrun {' '.join(args)}", file=sys.stderr, flush=True)

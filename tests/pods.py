@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+JOB_NAME_FIELD = "metadata.labels['batch.kubernetes.io/job-name']"
 EXECUTABLES = {"python": [sys.executable], "medssl": [sys.executable, "-m", "medssl_scale.cli"], "mlflow": [sys.executable, "-m", "mlflow"]}
 
 
@@ -40,15 +41,17 @@ class Pod:
                  configmaps: dict[str, dict[str, str]] | None = None, secrets: dict[tuple[str, str], str] | None = None,
                  hosts: dict[str, str] | None = None, ports: dict[str, str] | None = None, container: int = 0):
         self.spec = pod_spec(obj)
+        self.job_name = obj["metadata"]["name"]
         self.container = self.spec["containers"][container]
         self.root, self.index = Path(root), index
         self.claims, self.configmaps, self.secrets = claims or {}, configmaps or {}, secrets or {}
         self.hosts, self.ports = hosts or {}, ports or {}
-        self.mounts = self._mount()
+        self._mount()
 
-    def _mount(self) -> dict[str, str]:
+    def _mount(self) -> None:
         volumes = {v["name"]: v for v in self.spec.get("volumes", [])}
-        mounts, pending = {}, []
+        mounts: dict[str, str] = {}
+        pending = []
         for m in self.container.get("volumeMounts", []):
             if m["mountPath"] == "/dev/shm":
                 continue  # the machine's own
@@ -61,10 +64,9 @@ class Pod:
             if "configMap" in vol:
                 pending += [(local / key, text) for key, text in self.configmaps[vol["configMap"]["name"]].items()]
             mounts[m["mountPath"]] = str(local)
-        self.mounts = mounts
+        self.mounts = mounts  # relocate() below needs them
         for path, text in pending:  # what a ConfigMap says about mount paths must point at the local folders too
             path.write_text(self.relocate(text))
-        return mounts
 
     def relocate(self, text: str) -> str:
         """Mount paths to their local folders (one pass, so a local path is never relocated again)."""
@@ -79,8 +81,9 @@ class Pod:
             if "value" in e:
                 value = expand(e["value"], env)
             elif "fieldRef" in e["valueFrom"]:
-                assert e["valueFrom"]["fieldRef"]["fieldPath"] == INDEX_FIELD, e
-                value = str(self.index)
+                field = e["valueFrom"]["fieldRef"]["fieldPath"]
+                assert field in (INDEX_FIELD, JOB_NAME_FIELD), e  # what the Job controller puts on its pods
+                value = str(self.index) if field == INDEX_FIELD else self.job_name
             else:
                 ref = e["valueFrom"]["secretKeyRef"]
                 if (ref["name"], ref["key"]) not in self.secrets:

@@ -94,6 +94,7 @@ def test_rendered_training_jobs_are_valid_kubernetes(tmp_path, flavor, nodes, gp
         assert spec["terminationGracePeriodSeconds"] >= 300
     if flavor == "job":
         assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == nodes == job["spec"]["parallelism"]
+        assert job["spec"]["backoffLimitPerIndex"] == 6 and job["spec"]["maxFailedIndexes"] == 0  # a lost node costs each index one
         assert failure_action(job, "train", 2) == "FailJob" and failure_action(job, "train", 137) == "Count"
         assert failure_action(job, "train", 137, ("DisruptionTarget",)) == "Ignore"  # pre-emption does not use up retries
     else:
@@ -183,8 +184,9 @@ def test_submit_without_a_cluster_says_so(tmp_path):
 
 def test_the_node_entry_reads_each_flavours_environment():
     indexed = {"MEDSSL_NNODES": "4", "MEDSSL_NPROC_PER_NODE": "8", "MEDSSL_NODE_RANK": "3", "MEDSSL_MASTER_ADDR": "j-0.j", "MEDSSL_MASTER_PORT": "29500"}
-    args = node.torchrun_args(indexed, ["--config", "c.yaml"])
-    assert args[:6] == ["--nnodes=4", "--node-rank=3", "--nproc-per-node=8", "--master-addr=j-0.j", "--master-port=29500", "--max-restarts=0"]
+    args = node.torchrun_args({**indexed, "MEDSSL_SHUTDOWN_TIMEOUT": "570"}, ["--config", "c.yaml"])
+    assert args[:7] == ["--nnodes=4", "--node-rank=3", "--nproc-per-node=8", "--master-addr=j-0.j", "--master-port=29500", "--max-restarts=0",
+                        "--shutdown-timeout=570"]
     assert args[-4:] == ["-m", "launchers.rank", "--config", "c.yaml"]
     operator = {"MEDSSL_NNODES": "2", "RANK": "1", "MASTER_ADDR": "x-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2"}
     assert node.torchrun_args(operator, [])[:5] == ["--nnodes=2", "--node-rank=1", "--nproc-per-node=1", "--master-addr=x-master-0",
@@ -278,7 +280,7 @@ def test_simulated_pods_train_lose_a_node_restart_and_resume(tmp_path):
         assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")][-1] == 40
 
 
-def test_a_pod_with_a_bad_config_fails_the_job_instead_of_retrying(tmp_path):
+def test_a_pod_with_a_bad_config_or_no_dataset_fails_the_job_instead_of_retrying(tmp_path):
     objs = _render(tmp_path, "k8s", "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "0", "--name", "bad")
     config_map, job = objs[1], objs[-1]
     broken = config_map["data"]["config.yaml"].replace("batch_size: 2", "batch_size: 0")  # edited in the cluster, say
@@ -288,6 +290,11 @@ def test_a_pod_with_a_bad_config_fails_the_job_instead_of_retrying(tmp_path):
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 2 and "data.batch_size" in out, out
     assert failure_action(job, "train", p.returncode) == "FailJob"
+    pod = Pod(job, tmp_path, 1, {"medssl-datasets": tmp_path / "d", "medssl-runs": tmp_path / "r"},
+              {"bad-config": config_map["data"]}, SECRETS, {"bad-0.bad": "127.0.0.1"}, {"29500": str(free_port())})
+    p = pod.start()  # a good config, but no dataset on the volume: no retry can fix that either
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "no dataset there" in out, out
 
 
 def test_a_pod_whose_secret_is_missing_does_not_start(tmp_path):
@@ -342,7 +349,9 @@ def test_the_dev_mlflow_server_runs_from_its_manifest_with_authentication(tmp_pa
         assert get(api, "admin", "wrong") == 401
         assert get(api, "admin", "a-long-admin-password") == 200  # the admin from the Secret
         assert get(api, "admin", "a-long-admin-password", host="medssl-mlflow:5000") == 200  # the Service's name is an allowed host
-        assert get(api, "admin", "a-long-admin-password", host="evil.example") != 200
+        assert get(api, "admin", "a-long-admin-password", host="medssl-mlflow.medssl.svc.cluster.local:5000") == 200
+        for host in ("evil.example", "medssl-mlflow.evil.example"):  # DNS rebinding: refused whatever the credentials
+            assert get(api, "admin", "a-long-admin-password", host=host) != 200
         assert (tmp_path / "pvc" / "mlflow.db").exists() and (tmp_path / "pvc" / "auth.db").exists()  # both stores on the volume
     finally:
         if server.poll() is None:

@@ -43,7 +43,8 @@ def add_parsers(where: argparse._SubParsersAction) -> None:
     k8s.add_argument("--memory", default=t.memory)
     k8s.add_argument("--shm", default=t.shm)
     k8s.add_argument("--grace", type=int, default=t.grace_s, help="seconds from SIGTERM to SIGKILL (the checkpoint must fit)")
-    k8s.add_argument("--backoff-limit", type=int, default=t.backoff_limit)
+    k8s.add_argument("--retries-per-node", type=int, default=t.retries_per_node,
+                     help="failures each node may have (pre-emptions not counted) before the job gives up")
     _cluster_args(k8s)
     pretrain_arguments(k8s)
     k8s.set_defaults(func=_train)
@@ -56,6 +57,9 @@ def add_parsers(where: argparse._SubParsersAction) -> None:
     ing.add_argument("--name", help="job name (default: ingest-<dataset>)")
     ing.add_argument("--sources-claim", default=d.sources_claim)
     ing.add_argument("--site-secret", default=d.site_secret, help="Secret with key secret: the HMAC key of the pseudonyms")
+    i = m.Ingest(name="x", dataset="x")
+    ing.add_argument("--cpu", default=i.cpu, help="per partition pod")
+    ing.add_argument("--memory", default=i.memory, help="per pod; the finalize pod holds every manifest record")
     ing.add_argument("--ingest-arg", action="append", default=[], metavar="ARG", help="more `medssl ingest` options, e.g. --ingest-arg=--spacing=1.5")
     _cluster_args(ing)
     ing.set_defaults(func=_ingest)
@@ -70,11 +74,12 @@ def _train(args: argparse.Namespace) -> int:
     from launchers.k8s import render
 
     cluster = _cluster(args, runs_claim=args.runs_claim, mlflow_uri=args.mlflow_uri, mlflow_secret=args.mlflow_secret)
-    spec = {"name": args.name, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "nproc_per_node": args.nproc_per_node,
-            "cpu": args.cpu, "memory": args.memory, "shm": args.shm, "grace_s": args.grace, "backoff_limit": args.backoff_limit,
-            "flavor": args.flavor}
     try:
-        objs = render.training(args.config, args.overrides, spec, cluster, args.dataset)
+        config_yaml, run_name = render.pod_config(args.config, args.overrides, args.dataset)
+        spec = m.Train(name=m.dns_name(args.name or run_name), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                       nproc_per_node=args.nproc_per_node, cpu=args.cpu, memory=args.memory, shm=args.shm, grace_s=args.grace,
+                       retries_per_node=args.retries_per_node, flavor=args.flavor)
+        objs = m.training(spec, cluster, config_yaml)
     except (ValueError, FileNotFoundError) as e:
         print(f"medssl launch k8s: {e}", file=sys.stderr)
         return 2
@@ -86,16 +91,17 @@ def _ingest(args: argparse.Namespace) -> int:
     cluster = _cluster(args, sources_claim=args.sources_claim, site_secret=args.site_secret)
     try:
         spec = m.Ingest(name=m.dns_name(args.name or f"ingest-{args.dataset}", 40), dataset=args.dataset, sources=tuple(args.sources),
-                        partitions=args.partitions, workers=args.workers, extra_args=tuple(args.ingest_arg))
+                        partitions=args.partitions, workers=args.workers, cpu=args.cpu, memory=args.memory,
+                        extra_args=tuple(args.ingest_arg))
     except ValueError as e:
         print(f"medssl launch k8s-ingest: {e}", file=sys.stderr)
         return 2
     objs = m.ingest_jobs(spec, cluster)
-    return _emit(args, objs, spec.name, f"{spec.name}-finalize", "Job")
+    return _emit(args, objs, spec.name, f"{spec.name}-finalize", "Job", first=f"{spec.name}-parts")
 
 
-def _emit(args: argparse.Namespace, objs: list[dict], name: str, job: str, kind: str) -> int:
-    """Write or submit ``objs``; ``job`` is what decides success (the finalize Job of an ingest)."""
+def _emit(args: argparse.Namespace, objs: list[dict], name: str, job: str, kind: str, first: str | None = None) -> int:
+    """Write or submit ``objs``; ``job`` decides success; ``first``: a Job it waits on (an ingest's parts), deleted if that fails."""
     from launchers.k8s import render, submit
 
     if args.render:
@@ -107,7 +113,12 @@ def _emit(args: argparse.Namespace, objs: list[dict], name: str, job: str, kind:
         if args.no_follow:
             print(f"submitted; follow with: kubectl -n {args.namespace} get {kind.lower()}/{job} -w")
             return 0
-        return submit.follow(args.namespace, job, kind, f"app.kubernetes.io/instance={name}")
+        selector = f"app.kubernetes.io/instance={name}"
+        if first and submit.follow(args.namespace, first, "Job", selector) == 1:
+            submit.delete_job(args.namespace, job)  # else it would wait for parts that will not come
+            print(f"{first} failed: deleted {job}; the parts' logs say why", file=sys.stderr)
+            return 1
+        return submit.follow(args.namespace, job, kind, selector)
     except submit.ClusterError as e:
         print(f"medssl launch: {e}", file=sys.stderr)
         return 2

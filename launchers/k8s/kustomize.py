@@ -25,6 +25,12 @@ INGEST = m.Ingest(name="medssl-ingest", dataset="my-dataset", sources=("collecti
 BASE_CONFIG = ROOT / "configs" / "dae" / "base.yaml"
 
 
+def _base(obj: dict) -> dict:
+    """A base leaves the namespace to whoever applies it (an overlay's ``namespace:`` or ``kubectl -n``)."""
+    obj = dict(obj, metadata={k: v for k, v in obj["metadata"].items() if k != "namespace"})
+    return obj
+
+
 def _kustomization(resources: list[str], extra: dict | None = None) -> str:
     body = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": resources, **(extra or {})}
     return HEADER + yaml.safe_dump(body, sort_keys=False)
@@ -34,9 +40,9 @@ def files() -> dict[str, str]:
     cluster = m.Cluster()
     config_yaml, _ = pod_config(BASE_CONFIG, [], None)
     out = {
-        "train/base/serviceaccount.yaml": HEADER + dump([m.service_account(cluster, namespace=False)]),
-        "train/base/service.yaml": HEADER + dump([m.train_service(TRAIN, cluster, namespace=False)]),
-        "train/base/job.yaml": HEADER + dump([m.train_job(TRAIN, cluster, namespace=False)]),
+        "train/base/serviceaccount.yaml": HEADER + dump([_base(m.service_account(cluster))]),
+        "train/base/service.yaml": HEADER + dump([_base(m.train_service(TRAIN, cluster))]),
+        "train/base/job.yaml": HEADER + dump([_base(m.train_job(TRAIN, cluster))]),
         "train/base/config.yaml": f"# The run config the pods read ({BASE_CONFIG.relative_to(ROOT)}, resolved); replace it in an overlay.\n"
                                   + config_yaml,
         "train/base/kustomization.yaml": _kustomization(
@@ -45,14 +51,14 @@ def files() -> dict[str, str]:
                                      "options": {"disableNameSuffixHash": True, "labels": {"app.kubernetes.io/name": m.APP,
                                                                                              "app.kubernetes.io/component": "train",
                                                                                              "app.kubernetes.io/instance": TRAIN.name}}}]}),
-        "train/overlays/pytorchjob/pytorchjob.yaml": HEADER + dump([m.pytorch_job(TRAIN, cluster, namespace=False)]),
+        "train/overlays/pytorchjob/pytorchjob.yaml": HEADER + dump([_base(m.pytorch_job(TRAIN, cluster))]),
         "train/overlays/pytorchjob/kustomization.yaml": _kustomization(
             ["../../base", "pytorchjob.yaml"],
             {"patches": [{"patch": yaml.safe_dump({"$patch": "delete", "apiVersion": api, "kind": kind, "metadata": {"name": TRAIN.name}},
                                                   sort_keys=False)}
                          for api, kind in (("batch/v1", "Job"), ("v1", "Service"))]}),
     }
-    sa, parts, finalize = m.ingest_jobs(INGEST, cluster, namespace=False)
+    sa, parts, finalize = map(_base, m.ingest_jobs(INGEST, cluster))
     out |= {
         "ingest/base/serviceaccount.yaml": HEADER + dump([sa]),
         "ingest/base/parts-job.yaml": HEADER + dump([parts]),

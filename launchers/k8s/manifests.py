@@ -12,13 +12,16 @@ Built on what clusters already run, no scheduler of ours:
   inputs (by hash, ``medssl ingest --partition i/N``), and a finalize Job that
   waits for every part and merges them (``medssl ingest --finalize N``).
 
-Fault tolerance: pods run with ``restartPolicy: Never`` under a pod failure
-policy: exit code 2 (a config the run refuses) fails the Job at once, a
-disruption (pre-emption, eviction, node drain) is retried without counting
-against ``backoffLimit``, and any other failure is retried up to it. A
-replaced pod gets its index back, every rank resumes from the newest
-complete checkpoint on the shared runs volume, and SIGTERM gives the run
-``grace_s`` to write a checkpoint before the kubelet's SIGKILL.
+Fault tolerance (Indexed Jobs): pods run with ``restartPolicy: Never`` under
+a pod failure policy: exit code 2 (a config or dataset the run refuses) fails
+the Job at once, the disrupted pod of a pre-emption, eviction or drain is
+retried without counting, and any other failure counts against its index's
+``backoffLimitPerIndex`` (a lost node fails every node, once each). A replaced
+pod gets its index back, every rank resumes from the newest complete
+checkpoint on the shared runs volume, and SIGTERM gives the run ``grace_s``
+(torchrun's shutdown timeout included) to write a checkpoint before the
+kubelet's SIGKILL. The PyTorchJob's operator has no pod failure policy: it
+restarts failed pods in place up to ``runPolicy.backoffLimit``.
 
 Security: pods run as a non-root user with a read-only root filesystem
 (``/tmp`` is an emptyDir and ``HOME``), no privilege escalation, no Linux
@@ -40,6 +43,7 @@ RUNS = "/runs"  # the shared runs volume: run directories and checkpoints, seen 
 SOURCES = "/sources"  # the raw collections an ingest reads
 RENDEZVOUS_PORT = 29500
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+JOB_NAME_LABEL = "metadata.labels['batch.kubernetes.io/job-name']"
 EXIT_BAD_CONFIG = 2  # launchers.node and `medssl ingest` exit 2 on a refusal no retry can fix
 
 Obj = dict[str, Any]
@@ -71,7 +75,9 @@ class Train:
     memory: str = "128Gi"
     shm: str = "32Gi"  # DataLoader workers pass batches through /dev/shm
     grace_s: int = 600  # SIGTERM to SIGKILL: the on-SIGTERM checkpoint must fit in it
-    backoff_limit: int = 6  # pod failures (disruptions excluded) before the Job gives up
+    # Failures each node (index) may have before the Job gives up (disruptions excluded). Per index, because a
+    # lost node fails every node of the run: one shared limit would be used up N at a time.
+    retries_per_node: int = 6
     flavor: Literal["job", "pytorchjob"] = "job"
 
     @property
@@ -89,7 +95,7 @@ class Ingest:
     cpu: str = "4"
     memory: str = "16Gi"
     extra_args: tuple[str, ...] = ()  # more `medssl ingest` options (--spacing, --modality, ...)
-    backoff_limit: int = 8
+    retries_per_part: int = 4
 
 
 def dns_name(text: str, limit: int = 52) -> str:
@@ -104,11 +110,8 @@ def _labels(name: str, component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": component, "app.kubernetes.io/instance": name}
 
 
-def _meta(name: str, component: str, namespace: str | None, instance: str | None = None) -> Obj:
-    meta: Obj = {"name": name, "labels": _labels(instance or name, component)}
-    if namespace:
-        meta["namespace"] = namespace
-    return meta
+def _meta(name: str, component: str, namespace: str, instance: str | None = None) -> Obj:
+    return {"name": name, "namespace": namespace, "labels": _labels(instance or name, component)}
 
 
 def _env(name: str, value: str | int) -> Obj:
@@ -163,13 +166,13 @@ def _failure_policy(container: str) -> Obj:
 
 # -- training ---------------------------------------------------------------------------------------
 
-def config_map(train: Train, cluster: Cluster, config_yaml: str, namespace: bool = True) -> Obj:
+def config_map(train: Train, cluster: Cluster, config_yaml: str) -> Obj:
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _meta(f"{train.name}-config", "train", cluster.namespace if namespace else None, train.name),
+            "metadata": _meta(f"{train.name}-config", "train", cluster.namespace, train.name),
             "data": {"config.yaml": config_yaml}}
 
 
-def _train_container(train: Train, cluster: Cluster, name: str, env: list[Obj]) -> Obj:
+def _train_container(train: Train, cluster: Cluster, name: str, env: list[Obj], port: str = "rendezvous") -> Obj:
     resources: Obj = {"requests": {"cpu": train.cpu, "memory": train.memory}, "limits": {"memory": train.memory}}
     if train.gpus_per_node:
         resources["requests"]["nvidia.com/gpu"] = train.gpus_per_node
@@ -183,6 +186,8 @@ def _train_container(train: Train, cluster: Cluster, name: str, env: list[Obj]) 
             *env,
             _env("MEDSSL_NNODES", train.nodes),
             _env("MEDSSL_NPROC_PER_NODE", train.nproc),
+            # torchrun waits this long for its ranks' SIGTERM checkpoint (its own default is 30 s), inside the grace period
+            _env("MEDSSL_SHUTDOWN_TIMEOUT", max(30, train.grace_s - 30)),
             _env("MLFLOW_TRACKING_URI", cluster.mlflow_uri),
             _secret_env("MLFLOW_TRACKING_USERNAME", cluster.mlflow_secret, "username"),
             _secret_env("MLFLOW_TRACKING_PASSWORD", cluster.mlflow_secret, "password"),
@@ -191,7 +196,7 @@ def _train_container(train: Train, cluster: Cluster, name: str, env: list[Obj]) 
             _env("NCCL_DEBUG", "WARN"),
             *_common_env(),
         ],
-        "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
+        "ports": [{"name": port, "containerPort": RENDEZVOUS_PORT}],
         "resources": resources,
         "securityContext": _container_security(),
         "volumeMounts": [
@@ -218,28 +223,31 @@ def _gpu_tolerations(train: Train) -> Obj:
     return {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]} if train.gpus_per_node else {}
 
 
-def train_service(train: Train, cluster: Cluster, namespace: bool = True) -> Obj:
+def train_service(train: Train, cluster: Cluster) -> Obj:
     """Headless: pod i of the Indexed Job answers as <job>-i.<job>, ready or not (rank 0 must be found while it waits)."""
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(train.name, "train", cluster.namespace if namespace else None),
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(train.name, "train", cluster.namespace),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
                      "selector": {"app.kubernetes.io/instance": train.name, "app.kubernetes.io/component": "train"},
                      "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}]}}
 
 
-def train_job(train: Train, cluster: Cluster, namespace: bool = True) -> Obj:
-    env = [_index_env("MEDSSL_NODE_RANK"), _env("MEDSSL_MASTER_ADDR", f"{train.name}-0.{train.name}"),
-           _env("MEDSSL_MASTER_PORT", RENDEZVOUS_PORT)]
+def train_job(train: Train, cluster: Cluster) -> Obj:
+    # Pod 0 of the Indexed Job answers as <job>-0.<subdomain>; the job's own name, so a Kustomize namePrefix
+    # carries over (the subdomain and the Service are renamed alike, the subdomain by a patch).
+    env = [_index_env("MEDSSL_NODE_RANK"), {"name": "JOB_NAME", "valueFrom": {"fieldRef": {"fieldPath": JOB_NAME_LABEL}}},
+           _env("MEDSSL_MASTER_ADDR", "$(JOB_NAME)-0.$(JOB_NAME)"), _env("MEDSSL_MASTER_PORT", RENDEZVOUS_PORT)]
     container = _train_container(train, cluster, "train", env)
     pod = _pod(cluster, container, _train_volumes(train, cluster), "Never", train.grace_s,
                {"subdomain": train.name, **_gpu_tolerations(train)})
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _meta(train.name, "train", cluster.namespace if namespace else None),
+        "metadata": _meta(train.name, "train", cluster.namespace),
         "spec": {
             "completionMode": "Indexed",
             "completions": train.nodes,
             "parallelism": train.nodes,
-            "backoffLimit": train.backoff_limit,
+            "backoffLimitPerIndex": train.retries_per_node,
+            "maxFailedIndexes": 0,  # a node out of retries ends the run: the others cannot train without it
             "podFailurePolicy": _failure_policy("train"),
             "podReplacementPolicy": "Failed",  # a replacement starts once the old pod is gone, never beside it
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
@@ -248,11 +256,12 @@ def train_job(train: Train, cluster: Cluster, namespace: bool = True) -> Obj:
     }
 
 
-def pytorch_job(train: Train, cluster: Cluster, namespace: bool = True) -> Obj:
+def pytorch_job(train: Train, cluster: Cluster) -> Obj:
     """The same pods under the Training Operator, which names the master and sets RANK/MASTER_ADDR/MASTER_PORT."""
 
     def replica(count: int) -> Obj:
-        container = _train_container(train, cluster, "pytorch", [])  # the operator requires this container name
+        # The operator requires this container name, and takes MASTER_PORT from the port of this name.
+        container = _train_container(train, cluster, "pytorch", [], port="pytorchjob-port")
         pod = _pod(cluster, container, _train_volumes(train, cluster), "OnFailure", train.grace_s, _gpu_tolerations(train))
         return {"replicas": count, "restartPolicy": "OnFailure",
                 "template": {"metadata": {"labels": _labels(train.name, "train")}, "spec": pod}}
@@ -262,23 +271,24 @@ def pytorch_job(train: Train, cluster: Cluster, namespace: bool = True) -> Obj:
         replicas["Worker"] = replica(train.nodes - 1)
     return {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": _meta(train.name, "train", cluster.namespace if namespace else None),
-        "spec": {"runPolicy": {"backoffLimit": train.backoff_limit, "cleanPodPolicy": "None", "ttlSecondsAfterFinished": 7 * 24 * 3600},
+        "metadata": _meta(train.name, "train", cluster.namespace),
+        "spec": {"runPolicy": {"backoffLimit": train.retries_per_node * train.nodes, "cleanPodPolicy": "None",
+                               "ttlSecondsAfterFinished": 7 * 24 * 3600},
                  "pytorchReplicaSpecs": replicas},
     }
 
 
-def service_account(cluster: Cluster, namespace: bool = True) -> Obj:
-    meta = _meta(cluster.service_account, "runner", cluster.namespace if namespace else None)
+def service_account(cluster: Cluster) -> Obj:
+    meta = _meta(cluster.service_account, "runner", cluster.namespace)
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False}
 
 
-def training(train: Train, cluster: Cluster, config_yaml: str, namespace: bool = True) -> list[Obj]:
+def training(train: Train, cluster: Cluster, config_yaml: str) -> list[Obj]:
     """Every object of a training job, in the order they are applied."""
-    objs = [service_account(cluster, namespace), config_map(train, cluster, config_yaml, namespace)]
+    objs = [service_account(cluster), config_map(train, cluster, config_yaml)]
     if train.flavor == "pytorchjob":
-        return [*objs, pytorch_job(train, cluster, namespace)]
-    return [*objs, train_service(train, cluster, namespace), train_job(train, cluster, namespace)]
+        return [*objs, pytorch_job(train, cluster)]
+    return [*objs, train_service(train, cluster), train_job(train, cluster)]
 
 
 # -- ingest ---------------------------------------------------------------------------------------
@@ -307,24 +317,25 @@ def _ingest_volumes(cluster: Cluster) -> list[Obj]:
     ]
 
 
-def ingest_jobs(ingest: Ingest, cluster: Cluster, namespace: bool = True) -> list[Obj]:
+def ingest_jobs(ingest: Ingest, cluster: Cluster) -> list[Obj]:
     """The partition Job and the finalize Job: applied together, the finalize pod waits for every part."""
     out = f"{DATASETS}/{ingest.dataset}"
     sources = [f"{SOURCES}/{s}".rstrip("/") for s in ingest.sources]
-    ns = cluster.namespace if namespace else None
+    ns = cluster.namespace
     part_args = [*sources, "--out", out, "--partition", f"$(PARTITION)/{ingest.partitions}", "--workers", str(ingest.workers),
                  "--resume", "--no-progress", *ingest.extra_args]
     part = _ingest_container(ingest, cluster, "ingest", part_args, [_index_env("PARTITION")])
     parts = {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(f"{ingest.name}-parts", "ingest", ns, ingest.name),
         "spec": {"completionMode": "Indexed", "completions": ingest.partitions, "parallelism": ingest.partitions,
-                 "backoffLimit": ingest.backoff_limit, "podFailurePolicy": _failure_policy("ingest"),
+                 "backoffLimitPerIndex": ingest.retries_per_part, "maxFailedIndexes": 0, "podFailurePolicy": _failure_policy("ingest"),
                  "podReplacementPolicy": "Failed", "ttlSecondsAfterFinished": 7 * 24 * 3600,
                  "template": {"metadata": {"labels": _labels(ingest.name, "ingest")},
                               "spec": _pod(cluster, part, _ingest_volumes(cluster), "Never", 120)}},
     }
     fin_args = ["--out", out, "--finalize", str(ingest.partitions), "--wait", "604800", "--no-progress"]
     fin = _ingest_container(ingest, cluster, "finalize", fin_args, [])
+    fin["resources"]["requests"]["cpu"] = "1"  # it waits, then renames: memory for the manifests, little CPU
     finalize = {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(f"{ingest.name}-finalize", "ingest-finalize", ns, ingest.name),
         "spec": {"backoffLimit": 3, "podFailurePolicy": _failure_policy("finalize"), "podReplacementPolicy": "Failed",
@@ -332,4 +343,4 @@ def ingest_jobs(ingest: Ingest, cluster: Cluster, namespace: bool = True) -> lis
                  "template": {"metadata": {"labels": _labels(ingest.name, "ingest-finalize")},
                               "spec": _pod(cluster, fin, _ingest_volumes(cluster), "Never", 120)}},
     }
-    return [service_account(cluster, namespace), parts, finalize]
+    return [service_account(cluster), parts, finalize]

@@ -40,13 +40,6 @@ def pod_config(config: Path | str, overrides: list[str], dataset: str | None = N
     return cfg.to_yaml(), cfg.name
 
 
-def training(config: Path | str, overrides: list[str], train: dict[str, Any], cluster: m.Cluster,
-             dataset: str | None = None) -> list[dict[str, Any]]:
-    text, run_name = pod_config(config, overrides, dataset)
-    spec = m.Train(name=m.dns_name(train.pop("name", None) or run_name), **train)
-    return m.training(spec, cluster, text)
-
-
 def write(objs: list[dict[str, Any]], out: Path, name: str) -> Path:
     """One multi-document file, so ``kubectl apply -f DIR`` takes it (and nothing else is in the way)."""
     out.mkdir(parents=True, exist_ok=True)
