@@ -163,17 +163,14 @@ class _Merge:
                 if vid in self.held and winner.source in self.part_of:
                     self._label_for_held(winner)
             for r in losers:
-                self._demote(r, vid)
+                self._demote(r, vid, owner_of[vid])
         for r in list(cur.values()):  # duplicates a part resolved itself name the merged dataset's owner
             if r.kind == "image" and r.duplicate_of and r.duplicate_of in owner_of and r.status == "skipped":
                 cur[r.key] = r.model_copy(update={"reason": duplicate_record({"source": r.source}, r.duplicate_of,
                                                                               owner_of[r.duplicate_of]).reason})
         return sorted(cur.values(), key=lambda r: (r.source, r.kind))
 
-    def _demote(self, rec: ManifestRecord, vid: str) -> None:
-        owner = self.held.get(vid) if vid in self.held and vid not in self.origin else None
-        owner = owner or min((r for r in self.current.values() if r.volume_id == vid and r.kind == "image" and r.status == "ok"
-                              and r is not rec), key=self._key).source
+    def _demote(self, rec: ManifestRecord, vid: str, owner: str) -> None:
         base = {k: getattr(rec, k) for k in ("source", "files", "source_sha256", "source_bytes", "source_mtime_ns")}
         self.current[rec.key] = duplicate_record(base, vid, owner)
         label = (self.order.get(rec.source) or {}).get("label") or rec.label_source

@@ -23,7 +23,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(where: argparse._SubParsersAction) -> None:
-    from medssl_scale.train.cli import pretrain_arguments
+    from medssl_scale.train.cli import config_arguments
 
     d, t = m.Cluster(), m.Train(name="x")
     k8s = where.add_parser("k8s", help="a multi-node pre-training job on Kubernetes (Indexed Job or PyTorchJob)",
@@ -46,7 +46,7 @@ def add_parsers(where: argparse._SubParsersAction) -> None:
     k8s.add_argument("--retries-per-node", type=int, default=t.retries_per_node,
                      help="failures each node may have (pre-emptions not counted) before the job gives up")
     _cluster_args(k8s)
-    pretrain_arguments(k8s)
+    config_arguments(k8s)  # pods always resume (--resume auto) and log without a progress bar
     k8s.set_defaults(func=_train)
 
     ing = where.add_parser("k8s-ingest", help="a partitioned ingest on Kubernetes (Indexed Job + finalize Job)")

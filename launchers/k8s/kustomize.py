@@ -27,8 +27,7 @@ BASE_CONFIG = ROOT / "configs" / "dae" / "base.yaml"
 
 def _base(obj: dict) -> dict:
     """A base leaves the namespace to whoever applies it (an overlay's ``namespace:`` or ``kubectl -n``)."""
-    obj = dict(obj, metadata={k: v for k, v in obj["metadata"].items() if k != "namespace"})
-    return obj
+    return dict(obj, metadata={k: v for k, v in obj["metadata"].items() if k != "namespace"})
 
 
 def _kustomization(resources: list[str], extra: dict | None = None) -> str:

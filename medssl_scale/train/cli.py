@@ -11,12 +11,17 @@ EXIT_STOPPED = 143
 LAUNCHER = Path(__file__).resolve().parents[2] / "launchers" / "rank.py"
 
 
-def pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of one run: shared by ``medssl pretrain``, the launchers and the per-rank and per-node entries."""
+def config_arguments(p: argparse.ArgumentParser) -> None:
+    """A run config and its overrides (what ``medssl launch k8s`` ships to the cluster)."""
     p.add_argument("--config", type=Path, required=True, help="run config (YAML), e.g. configs/dae/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=200 data.batch_size=4")
+
+
+def pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of one run: shared by ``medssl pretrain``, the local launcher and the per-rank and per-node entries."""
+    config_arguments(p)
     p.add_argument("--resume", default="auto", help="auto (the latest complete checkpoint of the run, if any), never, or a checkpoint directory")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=200 data.batch_size=4")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
