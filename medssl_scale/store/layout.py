@@ -6,11 +6,23 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every Zarr array carries checksums (crc32c per chunk, sha256 per stored file)
+
+# What ingest names a volume: "v" + 19 hex digits of its content hash. Ids read back from a
+# dataset (manifest, shard index, Zarr group) must match before they become paths.
+VOLUME_ID = re.compile(r"v[0-9a-f]{19}")
+
+
+def check_volume_id(value: object, where: str) -> str:
+    """``value`` if it is a volume id ingest could have written; ValueError naming ``where`` otherwise."""
+    if not isinstance(value, str) or not VOLUME_ID.fullmatch(value):
+        raise ValueError(f"{where}: {value!r} is not a volume id (v + 19 hex digits)")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
