@@ -25,6 +25,18 @@ def check_volume_id(value: object, where: str) -> str:
     return value
 
 
+# What ShardWriter names a shard. Names read from shards/index.json end up in paths and in
+# `pipe:` shell commands, so nothing else is accepted.
+SHARD_NAME = re.compile(r"shard-[0-9]{6,12}\.tar")
+
+
+def check_shard_name(value: object, where: str) -> str:
+    """``value`` if it is a shard name the store could have written; ValueError naming ``where`` otherwise."""
+    if not isinstance(value, str) or not SHARD_NAME.fullmatch(value):
+        raise ValueError(f"{where}: {value!r} is not a shard name (shard-NNNNNN.tar)")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetDir:
     """Paths of a dataset directory (the contract in docs/dataset.md)."""
