@@ -6,11 +6,14 @@ PCRLv2's "96x96x64" (x, y, z) global crop is ``[64, 96, 96]`` here.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Size3 = tuple[int, int, int]
+from medssl_scale.data import augments
+
+Edge = Annotated[int, Field(ge=1, le=4096)]  # voxels along one axis of a crop
+Size3 = tuple[Edge, Edge, Edge]
 
 
 def _size3(v: Any) -> Any:
@@ -20,7 +23,8 @@ def _size3(v: Any) -> Any:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float of every section is finite (a NaN compares false with every bound)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Normalize(_Strict):
@@ -31,6 +35,13 @@ class Normalize(_Strict):
     mr_zscore: bool = True  # clip to the volume's 0.5-99.5th percentiles, then z-score with the clipped volume's mean/std
     mr_stats: Literal["volume", "crop"] = "volume"  # volume: the statistics ingest stored; crop: computed on the crop
 
+    @field_validator("ct_window", "ct_range")
+    @classmethod
+    def _increasing(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError(f"[{v[0]}, {v[1]}] is empty: give [low, high] with low < high")
+        return v
+
 
 class Augment(_Strict):
     """One MONAI dictionary transform by class name, e.g. ``{name: RandGaussianNoised, args: {prob: 0.5, std: 0.05}}``.
@@ -38,10 +49,20 @@ class Augment(_Strict):
     It sees one image at a time under the key ``image`` (and ``label``, for plain crops with
     ``labels: true``): each view and each sub-crop gets its own random draw. ``keys`` defaults
     to ``[image]``; a geometric transform on plain crops should name ``[image, label]``.
+
+    Only the transforms and arguments in :mod:`medssl_scale.data.augments` may be named, so a
+    config can never make MONAI import or call anything.
     """
 
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allowed(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("args", {}), dict):
+            return {**v, "args": augments.check(v["name"], v.get("args", {}))}
+        return v
 
 
 class Superpixels(_Strict):
@@ -58,11 +79,11 @@ class Views(_Strict):
     region_scale: float = Field(4.0 / 3.0, ge=1.0, lt=2.0)  # below 2, two crops in the region always overlap
     flip: bool = True  # random flips per view and axis (recorded, so overlaps stay matchable)
     # pcrl (PCRLv2 sub-crops; REFERENCES.md): sizes (D, H, W) before resizing.
-    global_sizes: list[Size3] = Field(default_factory=lambda: [(64, 96, 96), (96, 96, 96), (64, 112, 112), (32, 64, 64)])
+    global_sizes: Annotated[list[Size3], Field(min_length=1, max_length=64)] = Field(default_factory=lambda: [(64, 96, 96), (96, 96, 96), (64, 112, 112), (32, 64, 64)])
     global_out: Size3 = (32, 64, 64)
-    local_sizes: list[Size3] = Field(default_factory=lambda: [(16, 32, 32), (16, 16, 16), (32, 32, 32), (8, 8, 8)])
+    local_sizes: Annotated[list[Size3], Field(min_length=1, max_length=64)] = Field(default_factory=lambda: [(16, 32, 32), (16, 16, 16), (32, 32, 32), (8, 8, 8)])
     local_out: Size3 = (16, 16, 16)
-    n_local: int = Field(6, ge=0)
+    n_local: int = Field(6, ge=0, le=64)
     min_iou: float = Field(0.3, ge=0.0, lt=1.0)
     # Region maps cut like the views (``regions1``/``regions2``), for LRC; pair and pcrl views.
     superpixels: Superpixels | None = None
@@ -78,21 +99,21 @@ class DataConfig(_Strict):
     # Sample counts always come from the dataset's shards/index.json.
     shard_url: str | None = None
     crop: Size3 = (96, 96, 96)
-    batch_size: int = Field(2, ge=1)
-    workers: int = Field(2, ge=0)
+    batch_size: int = Field(2, ge=1, le=1 << 16)
+    workers: int = Field(2, ge=0, le=512)
     seed: int = Field(0, ge=0)
     modalities: list[Literal["CT", "MR"]] | None = None  # only these
-    modality_weights: dict[Literal["CT", "MR"], float] | None = None  # share of crops per modality; None: uniform over volumes
+    modality_weights: dict[Literal["CT", "MR"], Annotated[float, Field(ge=0)]] | None = None  # share of crops per modality; None: uniform over volumes
     sampling: Literal["uniform", "foreground"] = "foreground"
     min_foreground: float = Field(0.5, ge=0.0, le=1.0)  # foreground sampling: least body fraction of a crop
     pairs: bool = False  # CT and MR crops of one pseudonymous patient, side by side in each batch
     labels: bool = False  # also return label crops (-1 where a volume has no label map)
-    crops_per_visit: int = Field(8, ge=1)  # crops cut from a volume while its chunks are cached (zarr); per volume read (shards)
-    interleave: int | None = None  # volumes a worker visits at once (default: the batch size, so a batch mixes volumes)
-    samples_per_epoch: int | None = None  # default: every volume visited once (crops_per_visit crops each)
+    crops_per_visit: int = Field(8, ge=1, le=1 << 16)  # crops cut from a volume while its chunks are cached (zarr); per volume read (shards)
+    interleave: int | None = Field(None, ge=1, le=1 << 16)  # volumes a worker visits at once (default: the batch size, so a batch mixes volumes)
+    samples_per_epoch: int | None = Field(None, ge=1)  # default: every volume visited once (crops_per_visit crops each)
     cache_mb: int = Field(512, ge=0)  # decoded-chunk cache per worker
     shuffle_buffer: int = Field(64, ge=1)  # shards: crops held for shuffling per worker
-    prefetch: int = Field(2, ge=1)  # batches in flight per worker
+    prefetch: int = Field(2, ge=1, le=64)  # batches in flight per worker
     normalize: Normalize = Normalize()
     augment: list[Augment] = Field(default_factory=list)
     views: Views = Views()
@@ -102,7 +123,7 @@ class DataConfig(_Strict):
     @field_validator("modality_weights")
     @classmethod
     def _weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v is not None and (any(w < 0 for w in v.values()) or sum(v.values()) <= 0):
+        if v is not None and sum(v.values()) <= 0:
             raise ValueError("modality_weights must be non-negative and not all zero")
         return v
 

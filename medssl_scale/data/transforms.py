@@ -15,8 +15,9 @@ from typing import Any
 import monai.transforms as mt
 import numpy as np
 import torch
-from monai.transforms import InvertibleTransform, MapTransform
+from monai.transforms import MapTransform
 
+from medssl_scale.data import augments
 from medssl_scale.data.config import Augment, Normalize
 
 
@@ -62,19 +63,25 @@ class NormalizeByModalityd(MapTransform):
         return d
 
 
-def build_augment(augments: list[Augment], keys: list[str], geometric_ok: bool = True) -> mt.Compose | None:
-    """A Compose of the named MONAI dictionary transforms, or None when there are none."""
+def build_augment(augment_list: list[Augment], keys: list[str], geometric_ok: bool = True) -> mt.Compose | None:
+    """A Compose of the named MONAI dictionary transforms, or None when there are none.
+
+    Names and arguments are checked against :mod:`medssl_scale.data.augments` again here, before
+    MONAI sees them, whatever built the :class:`Augment` (``model_construct`` skips validation).
+    """
     out = []
-    for a in augments:
-        cls = getattr(mt, a.name, None)
-        if not (isinstance(cls, type) and issubclass(cls, MapTransform)):
-            raise ValueError(f"augment {a.name!r} is not a MONAI dictionary transform (monai.transforms.*d)")
-        if not geometric_ok and (issubclass(cls, InvertibleTransform) or not cls.__module__.startswith("monai.transforms.intensity")):
+    for a in augment_list:
+        try:
+            args = augments.check(a.name, a.args)
+            geometric = augments.kind(a.name) != "intensity"
+        except ValueError as e:
+            raise ValueError(f"augment {e}") from None
+        cls = getattr(mt, a.name)
+        if not geometric_ok and geometric:
             raise ValueError(
                 f"augment {a.name!r} is not an intensity transform: moving voxels would break the views' overlap boxes; "
                 "views take monai.transforms intensity transforms (views.flip draws recorded flips)"
             )
-        args = dict(a.args)
         args.setdefault("keys", keys)
         args.setdefault("allow_missing_keys", True)
         try:
