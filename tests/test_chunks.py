@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import GzipCodec
+from zarr.codecs import Crc32cCodec, GzipCodec
 
 from medssl_scale.store.chunks import ChunkCache, VolumeReader
+from medssl_scale.store.integrity import seal
 from medssl_scale.store.volumes import ArrayStore, VolumeLayout
 
 SHAPE_XYZ = (70, 45, 33)  # not a multiple of any chunk
@@ -63,12 +64,14 @@ def test_boxes_equal_zarr_and_pad_outside(tmp_path, layout, dtype):
 
 def test_other_layouts_fall_back_to_zarr(tmp_path):
     zyx = np.ascontiguousarray(_volume().T)
-    g = zarr.create_array(str(tmp_path / "g"), shape=zyx.shape, dtype=zyx.dtype, chunks=(8, 8, 8), compressors=GzipCodec())
+    g = zarr.create_array(str(tmp_path / "g"), shape=zyx.shape, dtype=zyx.dtype, chunks=(8, 8, 8), compressors=[GzipCodec(), Crc32cCodec()])
     g[...] = zyx
     # A transposing array-to-array codec is not one the lean path reads.
     t = zarr.create_array(str(tmp_path / "t"), shape=zyx.shape, dtype=zyx.dtype, chunks=(8, 8, 8), serializer="auto",
-                          filters=[{"name": "transpose", "configuration": {"order": [2, 1, 0]}}])
+                          compressors=Crc32cCodec(), filters=[{"name": "transpose", "configuration": {"order": [2, 1, 0]}}])
     t[...] = zyx
+    seal(tmp_path / "g")
+    seal(tmp_path / "t")
     lean, fallback = VolumeReader(tmp_path / "g"), VolumeReader(tmp_path / "t")
     assert lean.lean and not fallback.lean
     for start, size in _boxes(np.random.default_rng(2), zyx.shape, 10):

@@ -10,15 +10,20 @@ numcodecs into a bounded LRU cache of decoded chunks, and a crop is a few
 
 Only the layouts :class:`~medssl_scale.store.volumes.ArrayStore` writes take
 this path (regular grid, optional ``sharding_indexed`` with the index at the
-end, ``bytes`` then an optional blosc/zstd/gzip codec); anything else is read
-through zarr itself, with the same results.
+end, ``bytes``, an optional blosc/zstd/gzip codec, then ``crc32c``); anything
+else is read through zarr itself, with the same results.
+
+Nothing is read that could not be verified (:mod:`medssl_scale.store.integrity`):
+the metadata is checked when a reader opens, every chunk's crc32c before it
+is decoded, and each chunk file against the array's checksum list when it is
+first opened (a listed file that is missing or has another size is an error,
+never a box of fill values). Errors are :class:`VolumeError`, naming the file.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,10 @@ import numcodecs
 import numpy as np
 import zarr
 
+from medssl_scale.store.integrity import VolumeError, check_stored_file, decode_error, read_meta, verify_files
+
 _EMPTY = 2**64 - 1  # offset and length of a chunk the shard does not hold
+_CRC32C = numcodecs.CRC32C()
 
 
 class ChunkCache:
@@ -67,16 +75,18 @@ class ChunkCache:
 
 
 def _bytes_codec(codecs: list[dict[str, Any]]) -> tuple[str, numcodecs.abc.Codec | None]:
-    """(byte order, compressor) for ``[bytes, compressor?]``; ValueError for anything else."""
+    """(byte order, compressor) for ``[bytes, compressor?, crc32c]``; ValueError for anything else."""
     if not codecs or codecs[0]["name"] != "bytes":
         raise ValueError("array-to-array codecs")
-    endian = "<" if codecs[0].get("configuration", {}).get("endian", "little") == "little" else ">"
-    rest = codecs[1:]
+    endian = "<" if (codecs[0].get("configuration") or {}).get("endian", "little") == "little" else ">"
+    if codecs[-1]["name"] != "crc32c":
+        raise ValueError("no crc32c")
+    rest = codecs[1:-1]
     if not rest:
         return endian, None
     if len(rest) > 1:
         raise ValueError("more than one bytes-to-bytes codec")
-    name, conf = rest[0]["name"], rest[0].get("configuration", {})
+    name, conf = rest[0]["name"], rest[0].get("configuration") or {}
     if name == "blosc":
         return endian, numcodecs.Blosc()  # blosc frames describe themselves
     if name == "zstd":
@@ -91,7 +101,7 @@ class VolumeReader:
 
     def __init__(self, path: Path, cache: ChunkCache | None = None):
         self.path = Path(path)
-        self.meta = json.loads((self.path / "zarr.json").read_text())
+        self.meta = read_meta(self.path)  # checked: shapes, codecs, checksum list, attributes
         self.shape: tuple[int, ...] = tuple(self.meta["shape"])
         self.cache = cache if cache is not None else ChunkCache(0)
         self.fill_value = self.meta.get("fill_value", 0)
@@ -108,6 +118,8 @@ class VolumeReader:
                     raise ValueError("shard index layout")
                 self.chunk = tuple(conf["chunk_shape"])
                 self.shard: tuple[int, ...] | None = outer
+                if any(s % c for s, c in zip(outer, self.chunk)):
+                    raise VolumeError(f"{self.path / 'zarr.json'}: shard shape {list(outer)} is not a multiple of the chunk shape")
                 endian, self._codec = _bytes_codec(conf["codecs"])
             else:
                 self.chunk, self.shard = outer, None
@@ -115,6 +127,10 @@ class VolumeReader:
             self.dtype = np.dtype(self.meta["data_type"]).newbyteorder(endian)
             self._zarr: zarr.Array | None = None
         except (ValueError, KeyError) as e:
+            # zarr checks each chunk's crc32c itself; a deleted file it would fill silently, so look first.
+            problems = verify_files(self.path, self.meta, rehash=False)
+            if problems:
+                raise VolumeError(problems[0]) from None
             self._zarr = zarr.open_array(str(self.path), mode="r")
             self.dtype = self._zarr.dtype
             self.lean_reason = str(e)
@@ -125,8 +141,11 @@ class VolumeReader:
         return self._zarr is None
 
     # -- chunk access -------------------------------------------------------------
+    def _key(self, grid: tuple[int, ...]) -> str:
+        return "c" + self._sep + self._sep.join(map(str, grid))
+
     def _key_path(self, grid: tuple[int, ...]) -> Path:
-        return self.path / ("c" + self._sep + self._sep.join(map(str, grid)))
+        return self.path / self._key(grid)
 
     def _shard_index(self, shard: tuple[int, ...], fd: int, size: int) -> np.ndarray:
         index = self._indexes.get(shard)
@@ -134,22 +153,28 @@ class VolumeReader:
             assert self.shard is not None
             per = [s // c for s, c in zip(self.shard, self.chunk)]
             n = int(np.prod(per))
+            if size < n * 16 + 4:
+                raise VolumeError(f"{self._key_path(shard)}: {size} bytes, too short for its shard index")
             raw = os.pread(fd, n * 16 + 4, size - (n * 16 + 4))
             try:
                 body = numcodecs.CRC32C().decode(raw)
             except (RuntimeError, ValueError) as e:
-                raise OSError(f"{self._key_path(shard)}: corrupt shard index ({e})") from None
+                raise VolumeError(f"{self._key_path(shard)}: corrupt shard index ({e})") from None
             index = np.frombuffer(body, dtype="<u8").reshape(*per, 2)
             self._indexes[shard] = index
         return index
 
     def _decode(self, data: bytes, where: Path) -> np.ndarray:
         try:
+            data = _CRC32C.decode(data)
+        except (RuntimeError, ValueError) as e:
+            raise VolumeError(f"{where}: chunk checksum mismatch ({e})") from None
+        try:
             if self._codec is not None:
                 data = self._codec.decode(data)
             return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk)
-        except (RuntimeError, ValueError) as e:
-            raise OSError(f"{where}: corrupt chunk ({e})") from None
+        except (RuntimeError, ValueError, SystemError, TypeError) as e:  # blosc raises SystemError on some bad headers
+            raise VolumeError(f"{where}: corrupt chunk ({type(e).__name__}: {e})") from None
 
     def _load(self, grid: tuple[int, ...], fds: dict[Path, tuple[int, int]]) -> np.ndarray | None:
         """Decoded chunk ``grid`` (None where the store holds none: the fill value)."""
@@ -160,12 +185,20 @@ class VolumeReader:
             file = self._key_path(tuple(g // p for g, p in zip(grid, per)))
             inner = tuple(g % p for g, p in zip(grid, per))
         if file not in fds:
+            key = file.relative_to(self.path).as_posix()
             try:
                 fd = os.open(file, os.O_RDONLY)
             except FileNotFoundError:
+                check_stored_file(self.path, self.meta, key, None)  # raises where the file was written
                 fds[file] = (-1, 0)
             else:
                 fds[file] = (fd, os.fstat(fd).st_size)
+                try:
+                    check_stored_file(self.path, self.meta, key, fds[file][1])
+                except VolumeError:
+                    os.close(fd)
+                    del fds[file]
+                    raise
         fd, size = fds[file]
         if fd < 0:
             return None
@@ -175,6 +208,8 @@ class VolumeReader:
         offset, nbytes = (int(v) for v in index[inner])
         if offset == _EMPTY and nbytes == _EMPTY:
             return None
+        if offset + nbytes > size:
+            raise VolumeError(f"{file}: the shard index points past the end of the file")
         return self._decode(os.pread(fd, nbytes, offset), file)
 
     # -- boxes --------------------------------------------------------------------
@@ -195,7 +230,11 @@ class VolumeReader:
         if any(l > s for l, s in zip(lo, start)) or any(h < s + k for h, s, k in zip(hi, start, size)):
             out.fill(fill)
         if self._zarr is not None:
-            out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = self._zarr[tuple(slice(l, h) for l, h in zip(lo, hi))]
+            try:
+                part = self._zarr[tuple(slice(l, h) for l, h in zip(lo, hi))]
+            except (RuntimeError, ValueError, SystemError, TypeError, OSError) as e:  # zarr's and zarrs' decode errors name no file
+                raise decode_error(self.path, self.meta, e) from None
+            out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = part
             return out
         ranges = [range(l // c, (h - 1) // c + 1) for l, h, c in zip(lo, hi, self.chunk)]
         fds: dict[Path, tuple[int, int]] = {}

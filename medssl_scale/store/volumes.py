@@ -13,8 +13,12 @@ order, so writing is a zero-copy ``.T`` (measured 3x faster than letting zarr
 gather chunks out of a Fortran array). :class:`ArrayStore` hands arrays back
 as (x, y, z) RAS views; attributes describe the (x, y, z) axes.
 
-Each array is written complete into ``DATASET/.tmp`` and renamed into the
-group, so readers and a resumed ingest never see a partial volume.
+Each array is written complete into ``DATASET/.tmp``, sealed (every chunk
+file's size and sha256 recorded in its attributes, see
+:mod:`medssl_scale.store.integrity`) and renamed into the group, so readers
+and a resumed ingest never see a partial volume. Every chunk ends in a
+``crc32c``; reading through this store checks the metadata, that every
+recorded file is there with its size, and (inside zarr) each chunk's crc32c.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from medssl_scale.store.integrity import CHECKSUMS, VolumeError, decode_error, read_meta, seal, verify_files
 from medssl_scale.store.layout import DatasetDir, atomic_write_text, publish_dir
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # one path component, never "..": ids become directory names
 
 _FAST_CODECS: bool | None = None
 
@@ -71,8 +79,9 @@ class VolumeLayout:
         shards = tuple(min(per, math.ceil(s / c)) * c for s, c in zip(shape, chunks))
         return chunks, shards
 
-    def codec(self) -> BloscCodec:
-        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=BloscShuffle.shuffle)
+    def compressors(self) -> tuple[BloscCodec, Crc32cCodec]:
+        # crc32c after the compressor: a changed byte fails the checksum before Blosc decodes garbage.
+        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=BloscShuffle.shuffle), Crc32cCodec()
 
 
 class ArrayStore:
@@ -89,8 +98,14 @@ class ArrayStore:
             # The group's metadata, written atomically: a torn one would never be repaired.
             atomic_write_text(self.path / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
 
+    def dir(self, volume_id: str) -> Path:
+        """Where array ``volume_id`` lives; ValueError for a name that is not one plain path component."""
+        if not isinstance(volume_id, str) or not _NAME.fullmatch(volume_id):
+            raise ValueError(f"{self.path}: {volume_id!r} is not an array name")
+        return self.path / volume_id
+
     def exists(self, volume_id: str) -> bool:
-        return (self.path / volume_id / "zarr.json").exists()
+        return (self.dir(volume_id) / "zarr.json").exists()
 
     def write(self, volume_id: str, array: np.ndarray, attrs: dict[str, Any]) -> bool:
         """Write one (x, y, z) array under ``volume_id``; False if it was already there."""
@@ -107,36 +122,63 @@ class ArrayStore:
             dtype=zyx.dtype,
             chunks=chunks,
             shards=shards,
-            compressors=self.layout.codec(),
+            compressors=self.layout.compressors(),
             fill_value=0,
             attributes=attrs,
             dimension_names=("z", "y", "x"),
             zarr_format=3,
         )
         z[...] = zyx
-        return publish_dir(staging, self.path / volume_id)
+        seal(staging)
+        return publish_dir(staging, self.dir(volume_id))
 
-    def open(self, volume_id: str) -> zarr.Array:
-        """The Zarr array itself, axes (z, y, x)."""
+    def meta(self, volume_id: str) -> dict[str, Any]:
+        """The array's checked ``zarr.json`` (KeyError if there is no such array)."""
         if not self.exists(volume_id):
             raise KeyError(f"no array {volume_id!r} in {self.path}")
-        return zarr.open_array(str(self.path / volume_id), mode="r")
+        return read_meta(self.dir(volume_id))
+
+    def open(self, volume_id: str) -> zarr.Array:
+        """The Zarr array itself, axes (z, y, x), after checking that every recorded chunk file is there."""
+        meta = self.meta(volume_id)
+        problems = verify_files(self.dir(volume_id), meta, rehash=False)
+        if problems:
+            raise VolumeError(problems[0])
+        return zarr.open_array(str(self.dir(volume_id)), mode="r")
+
+    def verify(self, volume_id: str, rehash: bool = True) -> list[str]:
+        """Everything wrong with the stored array: metadata, missing or changed files (``rehash``: by sha256)."""
+        try:
+            meta = self.meta(volume_id)
+        except VolumeError as e:
+            return [str(e)]
+        return verify_files(self.dir(volume_id), meta, rehash=rehash)
 
     def shape(self, volume_id: str) -> tuple[int, int, int]:
         """(x, y, z) shape."""
-        return tuple(reversed(self.open(volume_id).shape))  # type: ignore[return-value]
+        return tuple(reversed(self.meta(volume_id)["shape"]))  # type: ignore[return-value]
+
+    def _get(self, volume_id: str, where: tuple[slice, ...]) -> np.ndarray:
+        z = self.open(volume_id)
+        try:
+            return z[where]
+        except VolumeError:
+            raise
+        except (RuntimeError, ValueError, SystemError, TypeError, OSError) as e:  # what blosc, numcodecs, zarr and zarrs raise
+            raise decode_error(self.dir(volume_id), self.meta(volume_id), e) from None
 
     def read(self, volume_id: str) -> np.ndarray:
         """The whole volume as an (x, y, z) RAS array (a Fortran-ordered view)."""
-        return self.open(volume_id)[...].T
+        return self._get(volume_id, (slice(None),) * 3).T
 
     def crop(self, volume_id: str, start: tuple[int, int, int], size: tuple[int, int, int]) -> np.ndarray:
         """An (x, y, z) box, reading only the chunks it touches."""
         (x, y, z), (sx, sy, sz) = start, size
-        return self.open(volume_id)[z : z + sz, y : y + sy, x : x + sx].T
+        return self._get(volume_id, (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))).T
 
     def attrs(self, volume_id: str) -> dict[str, Any]:
-        return dict(self.open(volume_id).attrs)
+        """The volume's attributes, checked (without the store's own checksum list)."""
+        return {k: v for k, v in self.meta(volume_id).get("attributes", {}).items() if k != CHECKSUMS}
 
     def ids(self) -> list[str]:
         if not self.path.exists():
@@ -144,7 +186,7 @@ class ArrayStore:
         return sorted(p.name for p in self.path.iterdir() if (p / "zarr.json").exists())
 
     def nbytes_stored(self, volume_id: str) -> int:
-        return sum(f.stat().st_size for f in (self.path / volume_id).rglob("*") if f.is_file())
+        return sum(f.stat().st_size for f in self.dir(volume_id).rglob("*") if f.is_file())
 
 
 def volume_store(ds: DatasetDir, layout: VolumeLayout | None = None) -> ArrayStore:
