@@ -32,13 +32,13 @@ def rec(source, status="ok", **kw):
 def test_manifest_survives_a_torn_last_line_and_compacts(tmp_path):
     path = tmp_path / "manifest.jsonl"
     with ManifestAppender(path) as m:
-        m.append(rec("b.nii", volume_id="v1"))
+        m.append(rec("b.nii", volume_id="v" + "1" * 19))
         m.append(rec("a.nii", "failed", reason="truncated"))
     with open(path, "ab") as f:  # a crash in the middle of the next append
         f.write(b'{"source": "c.nii", "sta')
     assert [r.source for r in read_manifest(path)] == ["b.nii", "a.nii"]
     with ManifestAppender(path) as m:  # the next run cuts the torn tail before appending
-        m.append(rec("a.nii", "ok", volume_id="v2"))
+        m.append(rec("a.nii", "ok", volume_id="v" + "2" * 19))
     records = compact(path)
     assert [(r.source, r.status) for r in records] == [("a.nii", "ok"), ("b.nii", "ok")]
     assert all(json.loads(line) for line in path.read_text().splitlines())
@@ -89,7 +89,7 @@ def _fragments(ds, n, codec="npy"):
     rng = np.random.default_rng(1)
     arrays = {}
     for i in range(n):
-        vid = f"v{i:03d}"
+        vid = f"v{i:019x}"  # readers accept only content-address-shaped ids
         img = rng.normal(size=(6 + i, 5, 4)).astype(np.float32)
         lab = (img > 0).astype(np.uint8) if i % 2 == 0 else None
         write_sample_fragment(ds, vid, img, {"volume_id": vid, "shape": list(img.shape)}, lab, codec)

@@ -11,6 +11,14 @@ process concatenates fragments into a shard until it reaches the target
 size, seals it (end marker, fsync), renames it into ``shards/`` and only then
 records it in ``index.json`` and deletes its fragments. A crash at any point
 leaves either a recorded shard or fragments that the next run shards again.
+
+Shards are read as untrusted input: ``read_index`` validates every field of
+``index.json`` (names against the store's own patterns), and
+``verified_samples`` hands out a sample only once each of its members has
+matched the sha256 its writer put in the member's PAX header
+(``MEDSSL.sha256``; stock tar readers and webdataset ignore the record), and
+checks the whole shard against the index's sha256 and byte count before
+handing out the shard's last sample.
 """
 
 from __future__ import annotations
@@ -24,16 +32,19 @@ import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, BinaryIO, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medssl_scale.store.layout import DatasetDir, atomic_write_text
+from medssl_scale.store.layout import SHARD_NAME, VOLUME_ID, DatasetDir, atomic_write_text
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 INDEX_FORMAT = "medssl-shards/1"
 SHARD_CODECS = ("npy", "npy.gz")
+MEMBER_DIGEST = "MEDSSL.sha256"  # PAX record: sha256 of the member's data
+MEMBER_SUFFIXES = ("image.npy", "image.npy.gz", "label.npy", "label.npy.gz", "meta.json")
 
 
 def _npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
@@ -53,6 +64,10 @@ def _npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
 def _member(f: Any, name: str, parts: list[bytes | memoryview]) -> None:
     info = tarfile.TarInfo(name)
     info.size = sum(len(p) for p in parts)
+    digest = hashlib.sha256()
+    for p in parts:
+        digest.update(p)
+    info.pax_headers = {MEMBER_DIGEST: digest.hexdigest()}
     info.mode = 0o444
     info.mtime = 0  # fixed, so the same samples make byte-identical shards
     info.uname = info.gname = "medssl"
@@ -113,9 +128,70 @@ class _HashingFile:
         self.size += len(data)
 
 
+class ShardIndexError(ValueError):
+    """shards/index.json is not one the store wrote: names the file and the field."""
+
+
+class ShardError(ValueError):
+    """A shard's bytes disagree with its index entry or its members' digests: names the shard and the member."""
+
+
+class _ShardEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=f"^{SHARD_NAME.pattern}$")
+    samples: int = Field(ge=1)
+    bytes: int = Field(gt=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    volume_ids: list[Annotated[str, Field(pattern=f"^{VOLUME_ID.pattern}$")]]
+
+    @model_validator(mode="after")
+    def _counts(self) -> _ShardEntry:
+        if self.samples != len(self.volume_ids):
+            raise ValueError(f"samples is {self.samples} but {len(self.volume_ids)} volume ids are listed")
+        return self
+
+
+class _ShardIndex(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: Literal["medssl-shards/1"]
+    samples: int = Field(ge=0)
+    shards: list[_ShardEntry]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _ShardIndex:
+        if self.samples != sum(s.samples for s in self.shards):
+            raise ValueError(f"samples is {self.samples} but the shards hold {sum(s.samples for s in self.shards)}")
+        names: set[str] = set()
+        owner: dict[str, str] = {}
+        for s in self.shards:
+            if s.name in names:
+                raise ValueError(f"{s.name} is listed twice")
+            names.add(s.name)
+            for v in s.volume_ids:
+                if v in owner:
+                    raise ValueError(f"volume {v} is listed in {owner[v]} and in {s.name}")
+                owner[v] = s.name
+        return self
+
+
+def check_index(data: bytes | str, where: str) -> dict[str, Any]:
+    """A shard index's JSON text, validated whole (types, counts, names, digests); ShardIndexError naming ``where``."""
+    try:
+        return _ShardIndex.model_validate_json(data).model_dump()
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "top level"
+        got = f" (got {str(err['input'])[:80]!r})" if isinstance(err.get("input"), (str, int, float)) else ""
+        more = f" and {e.error_count() - 1} more problem(s)" if e.error_count() > 1 else ""
+        raise ShardIndexError(f"{where}: {field}: {err['msg']}{got}{more}") from None
+
+
 def read_index(ds: DatasetDir) -> dict[str, Any]:
+    """``shards/index.json``, validated (an empty index when there is none)."""
     if ds.shard_index.exists():
-        return json.loads(ds.shard_index.read_text())
+        return check_index(ds.shard_index.read_bytes(), str(ds.shard_index))
     return {"format": INDEX_FORMAT, "samples": 0, "shards": []}
 
 
@@ -216,11 +292,6 @@ class ShardWriter:
                 f.unlink()
 
 
-def iter_members(path: Path) -> Iterator[tarfile.TarInfo]:
-    with tarfile.open(path, mode="r|") as tf:
-        yield from tf
-
-
 def file_digest(path: Path) -> dict[str, Any]:
     """``bytes`` and ``sha256`` of a file, as the index records them."""
     h = hashlib.sha256()
@@ -258,26 +329,104 @@ def filter_shard(src: Path, dst: Path, keep: set[str]) -> dict[str, Any]:
     return {"bytes": out.size, "sha256": out.sha.hexdigest()}
 
 
+class _Counted:
+    """A read-only stream that hashes and counts every byte taken from it, for the whole-shard check."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(8 << 20):
+            pass
+
+
+def _check_member(info: tarfile.TarInfo, entry: dict[str, Any], where: str) -> tuple[str, str, str]:
+    """(key, suffix, expected sha256) of a member, or ShardError: only what the writer writes passes."""
+    name = info.name
+    if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):  # no links, devices, folders or sparse files
+        raise ShardError(f"{where}: member {name!r} is not a regular file")
+    key, _, suffix = name.partition(".")
+    if suffix not in MEMBER_SUFFIXES or not VOLUME_ID.fullmatch(key):
+        raise ShardError(f"{where}: member {name!r} is not a shard member name (<volume id>.{{{','.join(MEMBER_SUFFIXES)}}})")
+    if key not in entry["_ids"]:
+        raise ShardError(f"{where}: member {name!r} belongs to a volume shards/index.json does not list for this shard")
+    if info.size > entry["bytes"]:
+        raise ShardError(f"{where}: member {name!r} claims {info.size} bytes, more than the shard's {entry['bytes']}")
+    digest = info.pax_headers.get(MEMBER_DIGEST, "")
+    if len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise ShardError(f"{where}: member {name!r} carries no {MEMBER_DIGEST} digest "
+                         "(written before members were checksummed, or altered): re-ingest to use it")
+    return key, suffix, digest
+
+
+def verified_samples(raw: BinaryIO, entry: dict[str, Any], where: str, read_size: int = 4 << 20) -> Iterator[dict[str, Any]]:
+    """The samples of one shard (``{"__key__": volume_id, suffix: bytes}``) read from ``raw``, each verified first.
+
+    A sample is yielded only once every member of it matched its own digest;
+    the last one only once the whole stream matched the index entry's sha256
+    and byte count and every listed volume was met, so added, dropped,
+    reordered or rewritten members never reach the caller unnoticed. A
+    ShardError names ``where`` (the shard) and the member.
+    """
+    entry = {**entry, "_ids": set(entry["volume_ids"])}
+    stream = _Counted(raw)
+    done: set[str] = set()
+    sample: dict[str, Any] | None = None
+    last = "none"
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=read_size) as tar:  # type: ignore[call-overload]
+            for info in tar:
+                key, suffix, digest = _check_member(info, entry, where)
+                if sample is not None and sample["__key__"] != key:
+                    done.add(sample["__key__"])
+                    yield sample
+                    sample = None
+                if key in done:
+                    raise ShardError(f"{where}: member {info.name!r} comes after its sample had ended")
+                if sample is None:
+                    sample = {"__key__": key}
+                if suffix in sample:
+                    raise ShardError(f"{where}: member {info.name!r} appears twice")
+                f = tar.extractfile(info)
+                assert f is not None
+                data = f.read()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise ShardError(f"{where}: member {info.name!r}: sha256 mismatch with its {MEMBER_DIGEST} (corrupt or altered)")
+                sample[suffix] = data
+                last = f"member {info.name!r}"
+        stream.drain()  # tarfile stops at the end marker, or silently at a garbled header: the rest must be hashed too
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardError(f"{where}: unreadable tar (last member read: {last}; {e})") from e
+    if stream.size != entry["bytes"] or stream.sha.hexdigest() != entry["sha256"]:
+        raise ShardError(f"{where}: sha256 mismatch with shards/index.json ({stream.size} bytes read, "
+                         f"{entry['bytes']} listed; last member read: {last}): corrupt or altered")
+    if sample is not None:
+        done.add(sample["__key__"])
+    missing = entry["_ids"] - done
+    if missing:
+        raise ShardError(f"{where}: holds no member of volume {sorted(missing)[0]} that shards/index.json lists for it")
+    if sample is not None:
+        yield sample
+
+
 def verify_shards(ds: DatasetDir) -> list[str]:
-    """Problems found by re-hashing every shard and counting its samples; empty if sound."""
+    """Problems found by reading every shard as the training stream does (member digests, sha256, samples); empty if sound."""
     problems = []
     for s in read_index(ds)["shards"]:
         path = ds.shards / s["name"]
         if not path.exists():
             problems.append(f"{s['name']}: missing")
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        if h.hexdigest() != s["sha256"]:
-            problems.append(f"{s['name']}: sha256 mismatch (file changed or corrupt)")
-            continue
         try:
-            keys = {m.name.split(".", 1)[0] for m in iter_members(path)}
-        except tarfile.TarError as e:
-            problems.append(f"{s['name']}: unreadable tar ({e})")
-            continue
-        if keys != set(s["volume_ids"]):
-            problems.append(f"{s['name']}: holds {len(keys)} samples, index lists {len(s['volume_ids'])}")
+            with open(path, "rb") as f:
+                for _ in verified_samples(f, s, s["name"]):
+                    pass
+        except ShardError as e:
+            problems.append(str(e))
     return problems
