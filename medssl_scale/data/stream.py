@@ -17,12 +17,12 @@ so a resumed run replays the same stream and skips what it had consumed.
 
 from __future__ import annotations
 
-import gzip
 import io
 import itertools
 import json
 import math
-import tarfile
+import shlex
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,8 +34,8 @@ from webdataset.tariterators import url_opener
 from medssl_scale.data.catalog import MODALITIES, Catalog
 from medssl_scale.data.config import DataConfig
 from medssl_scale.data.crops import ArrayAccess, Cropper
-from medssl_scale.store.layout import DatasetDir
-from medssl_scale.store.shards import read_index
+from medssl_scale.store.layout import DatasetDir, check_shard_name
+from medssl_scale.store.shards import read_index, verified_samples
 
 _STREAM = 0x73747265
 _TAR_READ = 4 << 20
@@ -67,8 +67,8 @@ class ShardStream(IterableDataset):
         index = read_index(ds)
         if not index["shards"]:
             raise ValueError(f"{ds.root}: no shards in {ds.shard_index}: ingest writes them; source: zarr reads volumes.zarr instead")
-        template = cfg.shard_url or str(ds.shards / "{name}")
-        self.urls = [template.format(name=s["name"]) for s in index["shards"]]
+        self.entries = index["shards"]
+        self.urls = [shard_url(cfg.shard_url, ds, s["name"]) for s in self.entries]
         self.counts = [int(s["samples"]) for s in index["shards"]]
         total = sum(self.counts)
         per_rank = (cfg.samples_per_epoch or total * cfg.crops_per_visit) // world
@@ -116,7 +116,7 @@ class ShardStream(IterableDataset):
         # leaves out change from epoch to epoch (skipped volumes are read, not decoded).
         start = int(np.random.default_rng(seed).integers(held)) if held > volumes else 0
         pipeline = wds.DataPipeline(
-            _cycle([{"url": self.urls[i]} for i in shards]),
+            _cycle([{"url": self.urls[i], "entry": self.entries[i]} for i in shards]),
             _tar_samples,
             _drop(start),
             _take(volumes),
@@ -128,44 +128,44 @@ class ShardStream(IterableDataset):
         yield from pipeline
 
 
-def _tar_samples(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """webdataset's ``tarfile_to_samples`` with 4 MiB tar reads instead of 10 KiB ones.
+def shard_url(template: str | None, ds: DatasetDir, name: str) -> str:
+    """Where shard ``name`` is read from: the dataset's own file, or ``template`` with ``{name}`` filled in.
 
-    Members here are whole volumes (tens of MB); tarfile's default record-sized
-    reads made the stream spend more time in Python read calls than in the
-    copy. Opening URLs (local paths, ``pipe:``) stays webdataset's; members
-    are grouped into samples per tar, since a worker may read one shard twice
-    in a row.
+    ``name`` comes from the dataset, so it is checked against the store's
+    pattern and, in a ``pipe:`` command, shell-quoted as well.
+    """
+    check_shard_name(name, f"{ds.shard_index}: shard name")
+    if not template:
+        return str(ds.shards.resolve() / name)  # absolute: a dataset path is never taken for a URL scheme
+    if "{name}" not in template:
+        raise ValueError(f"data.shard_url {template!r} has no {{name}} for the shard's file name")
+    return template.replace("{name}", shlex.quote(name) if template.startswith("pipe:") else name)
+
+
+def _tar_samples(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Verified samples of each shard URL in turn (4 MiB tar reads), grouped per shard.
+
+    Opening URLs (local paths, ``pipe:``) stays webdataset's; the members go
+    through the store's ``verified_samples``, so a sample arrives only once
+    its members matched their digests, and a shard that differs from its
+    index entry is an error naming it before its last sample is used.
     """
 
     found = True
     for source in url_opener(src):
-        url, sample = source["url"], None
+        url = source["url"]
         if source.get("__pass_start__"):
             if not found:  # a whole pass over the bin's shards without a sample: never loop forever
                 raise ValueError(f"{url} and the other shards of this worker hold no samples, though shards/index.json counts some")
             found = False
         try:
-            with tarfile.open(fileobj=source["stream"], mode="r|", bufsize=_TAR_READ) as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    key, _, suffix = info.name.partition(".")
-                    if sample is not None and sample["__key__"] != key:
-                        yield sample
-                        sample = None
-                    if sample is None:
-                        sample = {"__key__": key, "__url__": url}
-                    f = tar.extractfile(info)
-                    assert f is not None
-                    sample[suffix] = f.read()
-                    found = True
-        except (tarfile.TarError, OSError, EOFError) as e:
+            for sample in verified_samples(source["stream"], source["entry"], url, read_size=_TAR_READ):
+                found = True
+                yield {**sample, "__url__": url}
+        except OSError as e:
             raise ValueError(f"{url}: unreadable shard ({e})") from e
         finally:
             source["stream"].close()
-        if sample is not None:
-            yield sample
 
 
 def _cycle(items: list[dict[str, Any]]):
@@ -199,17 +199,49 @@ def _npy(data: bytes) -> np.ndarray:
     version = np.lib.format.read_magic(head)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = read_header(head)
-    if dtype.hasobject:
+    if dtype.hasobject or not isinstance(shape, tuple):
         raise ValueError("object arrays are not volumes")
     flat = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=head.tell())
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
-def _member_array(sample: dict[str, Any], name: str) -> np.ndarray:
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """A gzip member's content, refused past ``limit`` bytes (a small member must not inflate to any size)."""
+    d = zlib.decompressobj(wbits=31)
+    out = d.decompress(data, limit + 1)
+    if len(out) > limit or d.unconsumed_tail:
+        raise ValueError(f"inflates to more than the {limit} bytes meta.json's shape allows")
+    return out
+
+
+def _member_array(sample: dict[str, Any], name: str, meta: dict[str, Any]) -> np.ndarray:
     """``image``/``label`` of a shard sample as (z, y, x): the stored (x, y, z) Fortran array, transposed in place."""
     if f"{name}.npy.gz" in sample:  # --shard-codec npy.gz
-        return _npy(gzip.decompress(sample[f"{name}.npy.gz"])).transpose(2, 1, 0)
-    return _npy(sample[f"{name}.npy"]).transpose(2, 1, 0)
+        shape = meta["shape"]
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and 0 < n < 1 << 20 for n in shape)):
+            raise ValueError(f"meta.json shape {str(shape)[:40]} is not three positive sizes")
+        array = _npy(_gunzip(sample[f"{name}.npy.gz"], math.prod(shape) * 8 + 65536))  # 8: the widest voxel type
+    else:
+        array = _npy(sample[f"{name}.npy"])
+    if array.ndim != 3:
+        raise ValueError(f"{name} has {array.ndim} dimensions, not 3")
+    return array.transpose(2, 1, 0)
+
+
+def _sample_arrays(sample: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    """Image, meta and label of a verified sample, checked to describe one volume (KeyError/ValueError if not)."""
+    meta = json.loads(sample["meta.json"])
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json is not an object")
+    if meta.get("volume_id", sample["__key__"]) != sample["__key__"]:
+        raise ValueError(f"meta.json names volume {str(meta.get('volume_id'))[:40]!r}")
+    if meta.get("modality", "CT") not in MODALITIES:
+        raise ValueError(f"meta.json modality {str(meta.get('modality'))[:20]!r} is not one of {MODALITIES}")
+    image = _member_array(sample, "image", meta)
+    label = _member_array(sample, "label", meta) if "label.npy" in sample or "label.npy.gz" in sample else None
+    if label is not None and label.shape != image.shape:
+        raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}")
+    return image, meta, label
 
 
 def _crops(cropper: Cropper, per_volume: int, seed: list[int], patients: dict[str, int]):
@@ -221,14 +253,12 @@ def _crops(cropper: Cropper, per_volume: int, seed: list[int], patients: dict[st
     def stage(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for ordinal, sample in enumerate(src):
             try:
-                image = _member_array(sample, "image")
-                meta = json.loads(sample["meta.json"])
-                label = _member_array(sample, "label") if "label.npy" in sample or "label.npy.gz" in sample else None
+                image, meta, label = _sample_arrays(sample)
             except (KeyError, ValueError) as e:
                 raise ValueError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')} is unreadable: {e}") from e
             access = ArrayAccess(image, meta, label)
             info = {
-                "volume": meta.get("volume_id", sample["__key__"]),
+                "volume": sample["__key__"],
                 "modality": MODALITIES.index(meta.get("modality", "CT")),
                 "subject": patients.get(meta.get("patient") or "", -1),
             }
