@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,19 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pydicom.valuerep import PersonName
 
 from medssl_scale.io.types import (
@@ -54,9 +63,12 @@ __all__ = [
     "group_series",
     "identifying_values",
     "looks_like_dicom",
+    "identifying_tokens",
     "quiet_pydicom",
     "read_series",
+    "redact",
     "scan_header",
+    "transfer_syntax_guessed",
 ]
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -95,6 +107,10 @@ META_KEYWORDS: tuple[str, ...] = (
     "ScanningSequence", "SequenceVariant", "MRAcquisitionType", "EchoTrainLength",
     "ImagingFrequency", "ImagedNucleus", "PixelBandwidth",
 )
+
+# A DICOM header (everything before the pixel data) larger than this is refused
+# when it has to be inflated: it bounds what a deflate bomb costs a header scan.
+HEADER_INFLATE_LIMIT = 64 << 20
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CODE_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")
@@ -202,6 +218,69 @@ def identifying_values(paths_or_dataset: Any) -> set[str]:
     return {v for v in found if v}
 
 
+# The item's own direct identifiers: what a kept free-text field (BodyPartExamined,
+# a description) may quote, so what is redacted from it. Narrower than
+# IDENTIFYING_KEYWORDS on purpose: descriptions themselves ("HEAD", "CHEST")
+# would redact the technical values they share words with.
+SELF_IDENTIFYING_KEYWORDS: tuple[str, ...] = (
+    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientID",
+    "OtherPatientIDs", "MedicalRecordLocator", "AdmissionID", "AccessionNumber", "StudyID",
+    "PatientBirthDate", "PatientAddress", "PatientTelephoneNumbers", "ResponsiblePerson",
+    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "NameOfPhysiciansReadingStudy",
+    "PhysiciansOfRecord", "RequestingPhysician", "InstitutionName", "InstitutionAddress",
+    "DeviceSerialNumber",
+)
+REDACTED = "[redacted]"
+
+
+def identifying_tokens(datasets: Sequence[Dataset]) -> set[str]:
+    """The datasets' own names (and their parts), ids and birth dates (in the usual written forms).
+
+    Sequences are searched too (OtherPatientIDsSequence holds ids in items).
+    """
+    wanted = set(SELF_IDENTIFYING_KEYWORDS)
+    tokens: set[str] = set()
+    for ds in datasets:
+        for elem in ds.iterall():
+            if elem.keyword not in wanted:
+                continue
+            values = _strings(elem.value)
+            if elem.keyword == "PatientBirthDate":
+                values = set().union(*(_date_forms(v) for v in values)) if values else set()
+            tokens.update(values)
+    return {t for t in tokens if len(t) >= 2}
+
+
+def _date_forms(value: str) -> set[str]:
+    m = re.fullmatch(r"(\d{4})(\d{2})(\d{2})", value.strip())
+    if not m:
+        return {value}
+    y, mo, d = m.groups()
+    forms = {value, f"{d}{mo}{y}", f"{mo}{d}{y}"}
+    for sep in "-/.":
+        forms.update({f"{y}{sep}{mo}{sep}{d}", f"{d}{sep}{mo}{sep}{y}", f"{mo}{sep}{d}{sep}{y}"})
+    return forms
+
+
+def redact(text: Any, tokens: set[str]) -> Any:
+    """``text`` with every token replaced by [redacted], case-insensitively; non-text as it is.
+
+    Tokens of three characters or more go wherever they occur; two-character
+    ones (a short surname) only as whole words, so that "LI" leaves "LIVER" alone.
+    """
+    if not isinstance(text, str) or not tokens:
+        return text
+    for token in sorted(tokens, key=len, reverse=True):
+        if len(token) >= 3:
+            pattern = re.escape(token)
+        elif len(token) == 2:
+            pattern = rf"(?<![0-9A-Za-z]){re.escape(token)}(?![0-9A-Za-z])"
+        else:
+            continue
+        text = re.sub(pattern, REDACTED, text, flags=re.IGNORECASE)
+    return text
+
+
 def _strings(value: Any) -> set[str]:
     if value is None:
         return set()
@@ -246,8 +325,9 @@ def read_series(paths: Sequence[str | os.PathLike[str]], limits: Limits) -> RawV
         raise FailedInput("empty series (no files)")
     with quiet_pydicom():
         files = sorted({str(p) for p in paths})
-        files, dss, has_pixels = _dedupe(files, [_read(p, header_only=True) for p in files])
+        files, dss, has_pixels, duplicates = _dedupe(files, [_read(p, header_only=True) for p in files], limits)
         _check_kind(dss, has_pixels)
+        _check_one_patient(dss)
         dss, files, n_localizers = _drop_localizers(dss, files)
         rows, cols = _check_same_size(dss)
         n_frames = sum(_int(ds, "NumberOfFrames", 1) for ds in dss)
@@ -259,9 +339,16 @@ def read_series(paths: Sequence[str | os.PathLike[str]], limits: Limits) -> RawV
         frames = [f for i, ds in enumerate(dss) for f in _frames_of(i, ds)]
         frames, affine = _sort_and_check_geometry(frames)
         array = _decode(files, dss, frames, rows, cols)
-        meta = _meta(dss[0], ts, len(frames))
+        meta = _meta(dss[0], ts, len(frames), identifying_tokens(dss))
         if n_localizers:
             meta["LocalizersDropped"] = n_localizers
+        warnings = []
+        guessed = sum(transfer_syntax_guessed(ds) for ds in dss)
+        if guessed:
+            warnings.append(
+                f"{guessed} file(s) without DICOM file meta (no transfer syntax): decoded as {ts}, "
+                "the encoding their header parsed as"
+            )
         return RawVolume(
             array=array,
             affine=affine,
@@ -269,22 +356,83 @@ def read_series(paths: Sequence[str | os.PathLike[str]], limits: Limits) -> RawV
             format="dicom-enhanced" if enhanced else "dicom",
             identity=_identity(dss[0]),
             meta=meta,
+            warnings=warnings,
+            duplicates=duplicates,
         )
 
 
 def _dedupe(
-    files: list[str], headers: list[tuple[Dataset, bool]]
-) -> tuple[list[str], list[Dataset], list[bool]]:
-    """Drop exact duplicate instances (same SOPInstanceUID), keeping the first path."""
-    seen: set[str] = set()
-    keep = []
+    files: list[str], headers: list[tuple[Dataset, bool]], limits: Limits
+) -> tuple[list[str], list[Dataset], list[bool], list[tuple[str, str]]]:
+    """Files that share a SOPInstanceUID: exact copies are left out, different content fails the series.
+
+    Copies are compared by content, not by UID: patient, geometry and the
+    decoded pixels (so one instance stored in two transfer syntaxes is a
+    copy). The first path is kept; returns (dropped, kept) pairs as well.
+    """
+    by_uid: dict[str, list[int]] = {}
     for i, (ds, _) in enumerate(headers):
         uid = _uid(ds, "SOPInstanceUID")
-        if uid is None or uid not in seen:
-            keep.append(i)
         if uid is not None:
-            seen.add(uid)
-    return [files[i] for i in keep], [headers[i][0] for i in keep], [headers[i][1] for i in keep]
+            by_uid.setdefault(uid, []).append(i)
+    kept_for: dict[int, int] = {}
+    for uid, group in by_uid.items():
+        first = group[0]
+        for other in group[1:]:
+            what = _difference(files[first], headers[first], files[other], headers[other], limits)
+            if what:
+                raise FailedInput(
+                    f"{len(group)} files share SOPInstanceUID {uid} but differ in {what}: different images "
+                    "under one instance UID (a reused or copied UID); the series is not ingested"
+                )
+            kept_for[other] = first
+    keep = [i for i in range(len(files)) if i not in kept_for]
+    duplicates = [(files[i], files[k]) for i, k in sorted(kept_for.items())]
+    return [files[i] for i in keep], [headers[i][0] for i in keep], [headers[i][1] for i in keep], duplicates
+
+
+def _difference(
+    path_a: str, head_a: tuple[Dataset, bool], path_b: str, head_b: tuple[Dataset, bool], limits: Limits
+) -> str | None:
+    """What differs between two files of one SOPInstanceUID (patient, geometry, pixel data), or None."""
+    (a, pixels_a), (b, pixels_b) = head_a, head_b
+    if _identity(a).get("patient") != _identity(b).get("patient"):
+        return "patient"
+    keys = ("Modality", "SOPClassUID", "Rows", "Columns", "NumberOfFrames", "BitsStored", "PixelRepresentation")
+    if any(_values(a, k) != _values(b, k) for k in keys):
+        return "image type or size"
+    try:
+        frames_a, frames_b = _frames_of(0, a), _frames_of(0, b)
+    except FailedInput:
+        return "geometry"  # decided only when the copies agree; a broken header fails later anyway
+    for fa, fb in zip(frames_a, frames_b):
+        same = (
+            np.allclose(fa.position, fb.position, atol=_SAME_POSITION_MM)
+            and np.allclose(fa.orientation, fb.orientation, atol=_ORIENTATION_TOL)
+            and np.allclose(fa.spacing, fb.spacing, rtol=1e-4)
+            and (fa.slope, fa.intercept) == (fb.slope, fb.intercept)
+        )
+        if not same:
+            return "geometry or rescale"
+    if pixels_a != pixels_b:
+        return "pixel data"
+    if not pixels_a:
+        return None
+    rows, cols = _int(a, "Rows", 0), _int(a, "Columns", 0)
+    limits.check_shape((cols, rows, _int(a, "NumberOfFrames", 1)), "DICOM header")
+    if not np.array_equal(_pixels(path_a, rows, cols, a), _pixels(path_b, rows, cols, b)):
+        return "pixel data"
+    return None
+
+
+def _check_one_patient(dss: list[Dataset]) -> None:
+    """A series belongs to one patient: files naming several are not ingested, so none is misattributed."""
+    patients = {_identity(ds).get("patient") for ds in dss}
+    if len(patients) > 1:
+        raise FailedInput(
+            f"series mixes {len(patients)} patients: its files name different patients "
+            "under one SeriesInstanceUID; not ingested, so that no image is attributed to the wrong patient"
+        )
 
 
 def _check_kind(dss: list[Dataset], has_pixels: list[bool]) -> None:
@@ -337,7 +485,7 @@ def _check_transfer_syntaxes(dss: list[Dataset]) -> str:
             continue  # no file meta: pydicom guessed an uncompressed syntax while parsing
         if not _UID_RE.match(uid):
             raise FailedInput("unsupported transfer syntax (not a valid UID)")
-        name = UID(uid).name
+        name = UID(uid).name + (" (guessed: no file meta)" if transfer_syntax_guessed(ds) else "")
         try:
             available = get_decoder(uid).is_available
         except NotImplementedError:
@@ -486,7 +634,7 @@ def _decode(
     for k, f in enumerate(frames):
         by_file.setdefault(f.file, []).append((k, f))
     for index, members in by_file.items():
-        pixels = _pixels(files[index], rows, cols)
+        pixels = _pixels(files[index], rows, cols, headers[index])
         for k, f in members:
             plane = pixels[f.frame] if f.frame is not None else pixels[0]
             if integral:
@@ -512,9 +660,14 @@ def _output_range(headers: list[Dataset], frames: list[_Frame]) -> tuple[int, in
     return lo, hi
 
 
-def _pixels(path: str, rows: int, cols: int) -> np.ndarray:
-    """All frames of one file as (frames, rows, cols), after length checks."""
-    ds, _ = _read(path, header_only=False)
+def _pixels(path: str, rows: int, cols: int, header: Dataset) -> np.ndarray:
+    """All frames of one file as (frames, rows, cols), after length checks.
+
+    ``header`` (the file's header, already checked against the limits) bounds
+    what a deflated file may inflate to: its header and the pixels it declares.
+    """
+    declared = rows * cols * _int(header, "NumberOfFrames", 1) * max(_int(header, "BitsAllocated", 16), 1) // 8
+    ds, _ = _read(path, header_only=False, max_inflated=HEADER_INFLATE_LIMIT + declared + 16)
     if "PixelData" not in ds:
         raise SkippedInput(f"not an image ({_sop_class_name(ds)}; no pixel data)")
     n = _int(ds, "NumberOfFrames", 1)
@@ -546,7 +699,8 @@ def _pixels(path: str, rows: int, cols: int) -> np.ndarray:
 # ---------------------------------------------------------------- metadata
 
 
-def _meta(ds: Dataset, transfer_syntax: str, n_slices: int) -> dict[str, Any]:
+def _meta(ds: Dataset, transfer_syntax: str, n_slices: int, tokens: set[str]) -> dict[str, Any]:
+    """The whitelisted fields, with any of the item's own identifying ``tokens`` they quote redacted."""
     # Enhanced objects keep technique fields in the shared functional group macros.
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     sources = [ds] + [
@@ -557,7 +711,7 @@ def _meta(ds: Dataset, transfer_syntax: str, n_slices: int) -> dict[str, Any]:
         for source in sources:
             value = _plain(source, kw)
             if value is not None:
-                meta[kw] = value
+                meta[kw] = [redact(v, tokens) for v in value] if isinstance(value, list) else redact(value, tokens)
                 break
     meta["TransferSyntax"] = transfer_syntax
     meta["SOPClass"] = _sop_class_name(ds)
@@ -623,28 +777,38 @@ def quiet_pydicom() -> Iterator[None]:
         logger.disabled, logger.propagate = saved
 
 
-def _read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[Dataset, bool]:
+def _read(
+    path: str | os.PathLike[str], *, header_only: bool, max_inflated: int = HEADER_INFLATE_LIMIT
+) -> tuple[Dataset, bool]:
     """dcmread with library errors turned into FailedInput; also says if pixels follow.
 
     Files without the 128-byte preamble (older or hand-made files) are retried
-    with ``force``; then the parse must have found a plausible header. pydicom
-    silently ends a dataset where the file ends, so truncation is checked here.
+    with ``force``; then the parse must have found a plausible header, and the
+    transfer syntax pydicom guessed is written into the file meta so that the
+    pixels decode. pydicom silently ends a dataset where the file ends, so
+    truncation is checked here. A deflated data set is inflated here, never
+    beyond ``max_inflated`` bytes (pydicom would inflate all of it at once).
     """
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=header_only)
-            except InvalidDicomError:
+            deflated = _deflated_meta(f)
+            if deflated is not None:
+                ds, size, at_pixels = _read_deflated(f, path, deflated, header_only, max_inflated)
+            else:
                 f.seek(0)
-                ds = pydicom.dcmread(f, stop_before_pixels=header_only, force=True)
-                if _sop_class(ds) is None and _uid(ds, "SOPInstanceUID") is None:
-                    raise FailedInput("not readable as DICOM: no DICOM header found") from None
-                # force also "parses" garbage; converting every value flushes nonsense out.
-                for _ in ds.iterall():
-                    pass
-            # stop_before_pixels leaves the file at the pixel data element.
-            at_pixels = f.tell() < size
+                try:
+                    ds = pydicom.dcmread(f, stop_before_pixels=header_only)
+                except InvalidDicomError:
+                    f.seek(0)
+                    ds = pydicom.dcmread(f, stop_before_pixels=header_only, force=True)
+                    if _sop_class(ds) is None and _uid(ds, "SOPInstanceUID") is None:
+                        raise FailedInput("not readable as DICOM: no DICOM header found") from None
+                    # force also "parses" garbage; converting every value flushes nonsense out.
+                    for _ in ds.iterall():
+                        pass
+                # stop_before_pixels leaves the file at the pixel data element.
+                at_pixels = f.tell() < size
     except FailedInput:
         raise
     except OSError as e:
@@ -654,10 +818,8 @@ def _read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[Dataset, 
         raise FailedInput(f"not readable as DICOM: {_describe(e)}") from None
     if len(ds) == 0:
         raise FailedInput("not readable as DICOM: no data elements after the file meta (truncated?)")
-    if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
-        # pydicom inflates the whole dataset first: file offsets say nothing here,
-        # and damage surfaces as a zlib error above.
-        return ds, ("Rows" in ds) if header_only else ("PixelData" in ds)
+    if _transfer_syntax(ds) is None:
+        _set_guessed_transfer_syntax(ds)
     last = ds.get_item(max(ds.keys()))
     if (
         isinstance(last, RawDataElement)
@@ -667,6 +829,115 @@ def _read(path: str | os.PathLike[str], *, header_only: bool) -> tuple[Dataset, 
         raise FailedInput("not readable as DICOM: file is truncated (ends inside an element)")
     has_pixels = at_pixels if header_only else "PixelData" in ds
     return ds, has_pixels
+
+
+def _set_guessed_transfer_syntax(ds: Dataset) -> None:
+    """A file without a transfer syntax in its meta (legacy, no preamble): record what pydicom parsed it as.
+
+    Without it pydicom refuses to decode the pixels; with it they decode as the
+    parse read the header (implicit VR little endian for ACR-NEMA era files).
+    """
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        return
+    uid = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid
+    ds.file_meta.medssl_guessed_syntax = True  # read by transfer_syntax_guessed
+
+
+def transfer_syntax_guessed(ds: Dataset) -> bool:
+    """Whether the file named no transfer syntax and the one in its meta is the parser's guess."""
+    meta = getattr(ds, "file_meta", None)
+    return bool(getattr(meta, "medssl_guessed_syntax", False))
+
+
+def _deflated_meta(f: Any) -> tuple[bytes, FileMetaDataset] | None:
+    """(preamble, file meta) when the file is Deflated Explicit VR Little Endian, else None.
+
+    Leaves ``f`` at the first byte of the deflated data set.
+    """
+    preamble = f.read(128)
+    if len(preamble) < 128 or f.read(4) != b"DICM":
+        return None
+    try:
+        meta = FileMetaDataset(
+            read_dataset(f, is_implicit_VR=False, is_little_endian=True, stop_when=_not_file_meta)
+        )
+        uid = meta.get("TransferSyntaxUID")
+    except Exception:
+        return None  # dcmread will say what is wrong
+    if uid is None or str(uid).strip("\x00 ") != DeflatedExplicitVRLittleEndian:
+        return None
+    return preamble, meta
+
+
+def _not_file_meta(tag: Any, vr: Any, length: int) -> bool:
+    return tag >> 16 != 2
+
+
+def _at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
+    return tag in (0x7FE00010, 0x7FE00009, 0x7FE00008)
+
+
+def _read_deflated(
+    f: Any, path: str | os.PathLike[str], head: tuple[bytes, FileMetaDataset], header_only: bool, limit: int
+) -> tuple[Dataset, int, bool]:
+    """Inflate and parse a deflated data set: (dataset, inflated size, whether it stopped at the pixels).
+
+    Headers are inflated in growing steps until the parse reaches the pixel
+    data, so a small file that inflates to gigabytes costs at most ``limit``.
+    """
+    preamble, meta = head
+    inflater = _BoundedInflater(f)
+    cap = min(1 << 20, limit) if header_only else limit
+    while True:
+        data = inflater.fill(cap + 1)  # one byte more than allowed tells "more than cap" from "exactly cap"
+        try:
+            buf = DicomBytesIO(data)
+            dataset = read_dataset(
+                buf, is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data if header_only else None
+            )
+            at_pixels = header_only and buf.tell() < len(data)
+        except Exception:
+            if inflater.ended:
+                raise
+            dataset, at_pixels = None, False  # cut inside an element: inflate more
+        if dataset is not None and (at_pixels or inflater.ended):
+            break
+        if cap >= limit:
+            what = "header" if header_only else "data set"
+            raise FailedInput(
+                f"deflated {what} inflates to more than {limit:,} bytes "
+                f"({'beyond the header size allowed' if header_only else 'more than its header declares'})"
+            )
+        cap = min(cap * 8, limit)
+    ds = FileDataset(str(path), dataset, preamble=preamble, file_meta=meta, is_implicit_VR=False, is_little_endian=True)
+    return ds, len(data), at_pixels
+
+
+class _BoundedInflater:
+    """Streams a raw deflate stream from a file, never holding more output than asked for."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._out = bytearray()
+        self._pending = b""
+        self.ended = False
+
+    def fill(self, cap: int) -> bytes:
+        """All output so far, inflating until it holds ``cap`` bytes or the stream ends."""
+        while len(self._out) < cap and not self.ended:
+            if not self._pending:
+                self._pending = self._f.read(1 << 16)
+                if not self._pending:
+                    raise FailedInput("not readable as DICOM: the deflated data set is truncated")
+            self._out += self._z.decompress(self._pending, cap - len(self._out))
+            self._pending = self._z.unconsumed_tail
+            self.ended = self._z.eof
+        return bytes(self._out)
 
 
 def _describe(e: Exception) -> str:

@@ -110,6 +110,7 @@ def write_series(
     series_uid: str | None = None,
     study_uid: str | None = None,
     file_prefix: str = "IM",
+    file_meta: bool = True,
 ) -> list[Path]:
     """Write ``volume[i, j, k]`` with ``affine_ras`` as a DICOM series; return the paths.
 
@@ -120,7 +121,9 @@ def write_series(
     ``rescale`` is (slope, intercept), or one pair per slice k (slices may
     differ, as on some scanners), or None for no Modality LUT tags. Stored
     values are ``round((volume - intercept) / slope)``, so pick a rescale the
-    volume survives. Paths are returned in spatial (k) order.
+    volume survives. Paths are returned in spatial (k) order. ``file_meta=False``
+    writes legacy files: no preamble, no file meta, implicit VR little endian
+    (``transfer_syntax`` is then ignored).
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -167,7 +170,7 @@ def write_series(
         ds.SOPInstanceUID = generate_uid(entropy_srcs=[*entropy, "sop"])
         name = f"{file_prefix}_{rng.integers(16**8):08x}.dcm" if shuffle else f"{file_prefix}0001.dcm"
         path = out / name
-        _save(ds, stored[order], transfer_syntax, path)
+        _save(ds, stored[order], transfer_syntax, path, file_meta)
         return [path]
 
     names = _names(nz, rng, file_prefix, shuffle)
@@ -187,7 +190,7 @@ def write_series(
             ds.RescaleSlope, ds.RescaleIntercept = _ds(pairs[k][0]), _ds(pairs[k][1])
             ds.RescaleType = "HU" if modality == "CT" else "US"
         path = out / names[k]
-        _save(ds, stored[k], transfer_syntax, path)
+        _save(ds, stored[k], transfer_syntax, path, file_meta)
         paths.append(path)
     return paths
 
@@ -332,7 +335,11 @@ def _transform(pair: tuple[float, float], modality: str) -> Dataset:
     return item
 
 
-def _save(ds: Dataset, pixels: np.ndarray, transfer_syntax: str, path: Path) -> None:
+def _save(ds: Dataset, pixels: np.ndarray, transfer_syntax: str, path: Path, file_meta: bool = True) -> None:
+    if not file_meta:  # ACR-NEMA-era layout: the data set alone, implicit VR little endian
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        return
     ts = UID(transfer_syntax)
     if not ts.is_little_endian:
         raise ValueError(f"big endian transfer syntaxes are not written: {ts.name}")
