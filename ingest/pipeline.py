@@ -23,7 +23,8 @@ import numpy as np
 from ingest.deid import Pseudonymizer, scrub
 from ingest.discover import Item
 from medssl_scale.io import FailedInput, InputError, Limits, RawVolume, dicom, files
-from medssl_scale.io.canonical import geometry, resample, to_canonical
+from medssl_scale.io.types import not_enough_memory
+from medssl_scale.io.canonical import geometry, resample, resampled_shape, to_canonical
 from medssl_scale.io.modality import infer_modality
 from medssl_scale.store import foreground
 from medssl_scale.store.layout import DatasetDir
@@ -111,6 +112,8 @@ def _finite(vol: RawVolume, warnings: list[str]) -> np.ndarray:
     a = vol.array
     if not np.issubdtype(a.dtype, np.floating):
         return a
+    if np.isfinite(a.min()) and np.isfinite(a.max()):  # NaN propagates through min/max: no mask for a clean volume
+        return a
     bad = ~np.isfinite(a)
     n_bad = int(bad.sum())
     if n_bad == 0:
@@ -118,29 +121,52 @@ def _finite(vol: RawVolume, warnings: list[str]) -> np.ndarray:
     if n_bad == a.size:
         raise FailedInput("all voxels are NaN or infinite")
     fill = float(np.min(a[~bad]))
-    a = np.where(bad, fill, a).astype(a.dtype, copy=False)
+    if a.flags.writeable:
+        a[bad] = fill  # the reader's own array: no second copy of the volume
+    else:
+        a = np.where(bad, fill, a).astype(a.dtype, copy=False)
     warnings.append(f"{n_bad:,} of {a.size:,} voxels ({100 * n_bad / a.size:.3g}%) were NaN/Inf and set to the volume minimum")
     return a
 
 
 def _storage_dtype(a: np.ndarray, modality: str, warnings: list[str]) -> np.ndarray:
-    """CT keeps Hounsfield units as int16; MR keeps its scanner intensities as float32."""
+    """CT keeps Hounsfield units as int16; MR keeps its scanner intensities as float32.
+
+    CT is converted a slab at a time: rounding and clipping a whole float
+    volume would hold two more copies of it (5x the stored bytes at the peak).
+    """
     if modality == "MR":
         return a.astype(np.float32, copy=False)
     if a.dtype == np.int16:
         return a
-    if np.issubdtype(a.dtype, np.floating):
-        a = np.rint(a)
+    rounds = np.issubdtype(a.dtype, np.floating)
     lo, hi = a.min(), a.max()
-    if lo < INT16.min or hi > INT16.max:
-        n = int(np.count_nonzero((a < INT16.min) | (a > INT16.max)))
-        warnings.append(f"{n:,} voxels outside the int16 range were clipped")
-        a = np.clip(a, INT16.min, INT16.max)
-    return a.astype(np.int16)
+    if rounds:
+        lo, hi = np.rint(lo), np.rint(hi)
+    clips = lo < INT16.min or hi > INT16.max
+    out = np.empty_like(a, dtype=np.int16)  # same memory layout as the source
+    n_clipped = 0
+    for idx in _slabs(a):
+        part = np.rint(a[idx]) if rounds else a[idx]
+        if clips:
+            n_clipped += int(np.count_nonzero((part < INT16.min) | (part > INT16.max)))
+            part = np.clip(part, INT16.min, INT16.max)
+        out[idx] = part
+    if n_clipped:
+        warnings.append(f"{n_clipped:,} voxels outside the int16 range were clipped")
+    return out
 
 
-def _label_array(path: str, image_raw: RawVolume, limits: Limits) -> np.ndarray:
-    lab = files.read_image_file(path, limits)
+def _slabs(a: np.ndarray, nbytes: int = 16 << 20) -> list[tuple[slice, ...]]:
+    """Index tuples cutting ``a`` into contiguous slabs of about ``nbytes`` along its slowest axis."""
+    axis = a.ndim - 1 if a.flags.f_contiguous else 0
+    step = max(1, nbytes // max(1, a.nbytes // max(1, a.shape[axis])))
+    cut = [slice(None)] * a.ndim
+    return [tuple(cut[:axis] + [slice(i, i + step)] + cut[axis + 1:]) for i in range(0, a.shape[axis], step)]
+
+
+def _label_array(path: str, image_raw: RawVolume, limits: Limits, root=None) -> np.ndarray:
+    lab = files.read_image_file(path, limits, root)
     if lab.array.shape != image_raw.array.shape:
         raise FailedInput(f"label map shape {lab.array.shape} does not match the image's {image_raw.array.shape}")
     if not np.allclose(lab.affine, image_raw.affine, atol=1e-3, rtol=1e-4):
@@ -161,7 +187,7 @@ def _label_array(path: str, image_raw: RawVolume, limits: Limits) -> np.ndarray:
 def _read(item: Item, limits: Limits) -> RawVolume:
     if item.kind == "dicom":
         return dicom.read_series(item.paths, limits)
-    return files.read_image_file(item.paths[0], limits)
+    return files.read_image_file(item.paths[0], limits, item.root)
 
 
 @dataclasses.dataclass
@@ -227,6 +253,8 @@ def _failure(item: Item, base: dict[str, Any], label_name: str | None, e: Except
     log = []
     if isinstance(e, InputError):
         status, reason = e.status, e.reason
+    elif isinstance(e, MemoryError):  # the worker's --max-worker-memory cap, or the machine's
+        status, reason = "failed", not_enough_memory(f"while {phase}; the volume does not fit in this worker").reason
     elif isinstance(e, OSError) and phase == "reading":  # permissions, I/O errors, files vanishing mid-run
         status, reason = "failed", f"cannot read the file: {e.strerror or type(e).__name__}"
     else:
@@ -250,7 +278,7 @@ def _label_record(item: Item, label_name: str, status: str, **fields: Any) -> Ma
 
 
 def _canonicalise(item: Item, raw: RawVolume, opts: Options, base: dict[str, Any], label_name: str | None) -> Prepared:
-    warnings: list[str] = []
+    warnings: list[str] = list(raw.warnings) + _duplicate_warnings(item, raw, opts)
     raw.array = _finite(raw, warnings)
 
     if item.modality:
@@ -265,21 +293,37 @@ def _canonicalise(item: Item, raw: RawVolume, opts: Options, base: dict[str, Any
     label_arr, label_err = None, None
     if item.label_path:
         try:
-            label_arr = _label_array(item.label_path, raw, opts.limits)
+            label_arr = _label_array(item.label_path, raw, opts.limits, item.root)
         except InputError as e:
             label_err = e.reason
 
-    image, affine = to_canonical(_storage_dtype(raw.array, modality, warnings), raw.affine)
-    raw.array = None  # type: ignore[assignment]  # free the reader's copy before resampling
+    image = _storage_dtype(raw.array, modality, warnings)
+    raw.array = None  # type: ignore[assignment]  # free the reader's copy before reorienting (it may copy)
+    image, affine = to_canonical(image, raw.affine)
     if label_arr is not None:
         label_arr, _ = to_canonical(label_arr, raw.affine)
     if opts.spacing is not None:
+        # The new grid grows with the cube of the spacing ratio: check it before allocating it.
+        spacing = "x".join(f"{s:g}" for s in opts.spacing)
+        opts.limits.check_shape(resampled_shape(image.shape, affine, opts.spacing), f"resampling to {spacing} mm",
+                                verb="makes")
         src_affine = affine
         image, affine = resample(image, src_affine, opts.spacing)
         image = _storage_dtype(image, modality, warnings)
         if label_arr is not None:
             label_arr, _ = resample(label_arr, src_affine, opts.spacing, label=True)
     return Prepared(item, base, label_name, image, affine, label_arr, label_err, modality, modality_from, raw, warnings)
+
+
+def _duplicate_warnings(item: Item, raw: RawVolume, opts: Options) -> list[str]:
+    """One warning per file the reader left out as an exact copy, naming it and the file kept (as recorded)."""
+    name = Pseudonymizer(opts.secret).namer(opts.hash_paths)
+    source_of = {str(p): name(n) for p, n in zip(item.paths, item.names)}
+    return [
+        f"duplicate file {source_of.get(dropped, '(unnamed)')} left out: same SOPInstanceUID and content "
+        f"as {source_of.get(kept, '(unnamed)')}"
+        for dropped, kept in raw.duplicates
+    ]
 
 
 def _commit(prep: Prepared, opts: Options) -> Result:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import contextlib
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +33,37 @@ def _init_worker(opts: Options, parent: int) -> None:
     global _OPTS
     _OPTS = opts
     _die_with(parent)
+    if opts.limits.max_memory is not None:
+        _cap_memory(opts.limits.max_memory)
+
+
+def _cap_memory(nbytes: int) -> int:
+    """Cap this process's heap at ``nbytes``; returns the soft limit it had.
+
+    RLIMIT_DATA (Linux >= 4.7) counts the heap and every private writable
+    mapping (numpy's large arrays), but not the mapped libraries that make
+    RLIMIT_AS useless next to numpy and SciPy. An allocation past it fails
+    with a MemoryError, which the item's record reports as "not enough
+    memory"; the process lives on. Only the soft limit is lowered, so it can
+    be restored.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    want = nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
+    return soft
+
+
+@contextlib.contextmanager
+def memory_cap(nbytes: int | None) -> Iterator[None]:
+    """:func:`_cap_memory` for the duration of a block (the in-process worker of ``--workers 1``)."""
+    if nbytes is None:
+        yield
+        return
+    soft = _cap_memory(nbytes)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, resource.getrlimit(resource.RLIMIT_DATA)[1]))
 
 
 def _die_with(parent: int) -> None:
@@ -111,7 +144,8 @@ class Pool:
     def run(self, items: list[Item], handle: Callable[[Result], None]) -> None:
         """Process ``items``; ``handle`` sees each result, from one thread at a time."""
         if self.workers == 1:
-            _pipelined(items, self.opts, handle)
+            with memory_cap(self.opts.limits.max_memory):
+                _pipelined(items, self.opts, handle)
         else:
             for _, res in self._map(_work, items, lambda it: crashed(it, self.opts)):
                 handle(res)

@@ -66,6 +66,20 @@ def geometry(affine: np.ndarray) -> dict[str, list]:
     }
 
 
+def resampled_shape(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float]) -> tuple[int, int, int]:
+    """The grid :func:`resample` makes of ``shape`` at voxel size ``spacing``, computed without touching a voxel.
+
+    What a caller checks against its limits before resampling: coarse volumes
+    taken to fine spacings grow by the cube of the ratio (64^3 at 25 mm is
+    1067^3 at 1.5 mm).
+    """
+    old = np.array(spacing_of(affine))
+    new = np.asarray(spacing, dtype=np.float64).reshape(3)
+    if not (np.all(new > 0) and np.all(np.isfinite(new)) and np.all(old > 0) and np.all(np.isfinite(old))):
+        raise ValueError(f"spacings must be positive: source {old.tolist()}, target {new.tolist()}")
+    return tuple(max(1, round(int(n) * float(o) / float(t))) for n, o, t in zip(shape, old, new))  # type: ignore[return-value]
+
+
 def resample(
     array: np.ndarray,
     affine: np.ndarray,
@@ -107,7 +121,7 @@ def resample(
         return array, affine
 
     shape_old = np.array(array.shape)
-    shape_new = np.maximum(1, np.round(shape_old * old / new).astype(int))
+    shape_new = np.array(resampled_shape(array.shape, affine, new))
     orders = [0 if label else order] * 3
     if not label and old.max() / old.min() > anisotropy_threshold:
         orders[int(np.argmax(old))] = 0

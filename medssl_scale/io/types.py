@@ -54,27 +54,61 @@ def reader_errors(what: str) -> Iterator[None]:
     except InputError:
         raise
     except MemoryError as e:
-        raise FailedInput("not enough memory to hold the image the header declares") from e
+        raise not_enough_memory("to hold the image the header declares") from e
     except Exception as e:
         raise FailedInput(f"unreadable {what} ({type(e).__name__})") from e
 
 
+def not_enough_memory(detail: str) -> FailedInput:
+    """The failure of an item that does not fit in a worker's memory (``detail`` says what did not fit)."""
+    return FailedInput(f"not enough memory ({detail})")
+
+
+# What one item costs a worker at its peak, per voxel of the volume, as
+# measured through the whole worker path (bench/ingest_memory.py): up to
+# three copies of the volume at 4 bytes per voxel (a scaled or float source,
+# the float32 working copy, the stored copy). The up-front estimate uses it.
+PEAK_BYTES_PER_VOXEL = 12
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Guards against hostile headers; checked before any pixel is allocated."""
+    """Guards against hostile headers; checked before any pixel is allocated.
+
+    ``max_memory`` (bytes, None for no cap) bounds what one worker may hold:
+    a volume whose estimated need (voxels x :data:`PEAK_BYTES_PER_VOXEL`) is
+    over it is refused up front, and the worker process runs under that cap
+    (see ``ingest.pool``), so what the estimate misses fails cleanly too.
+    """
 
     max_voxels: int = 1_000_000_000
+    max_memory: int | None = None
 
-    def check_shape(self, shape: tuple[int, ...], what: str = "header") -> None:
+    def check_shape(self, shape: tuple[int, ...], what: str = "header", verb: str = "declares") -> None:
         n = 1
         for s in shape:
             if s < 0:
                 raise FailedInput(f"{what} declares a negative dimension {tuple(shape)}")
             n *= int(s)
+        dims = "x".join(str(int(s)) for s in shape)
         if n > self.max_voxels:
             raise FailedInput(
-                f"{what} declares {'x'.join(str(int(s)) for s in shape)} = {n:,} voxels, "
+                f"{what} {verb} {dims} = {n:,} voxels, "
                 f"over the per-volume cap of {self.max_voxels:,} (--max-voxels)"
+            )
+        need = n * PEAK_BYTES_PER_VOXEL
+        if self.max_memory is not None and need > self.max_memory:
+            raise not_enough_memory(
+                f"{what} {verb} {dims} voxels, which need about {format_bytes(need)} in a worker, "
+                f"over the cap of {format_bytes(self.max_memory)} (--max-worker-memory)"
             )
 
 
@@ -90,6 +124,10 @@ class RawVolume:
     identity: raw patient/study/series identifiers, used only to derive keyed
               hashes; never stored or logged. Keys: "patient", "study", "series".
     meta:     whitelisted, non-identifying technical metadata (JSON-able).
+    warnings: notes for the item's manifest record (a repaired header, a guessed
+              encoding); never header values.
+    duplicates: (dropped path, kept path) for input files left out as exact
+              copies of another file of the item (DICOM instances).
     """
 
     array: np.ndarray
@@ -98,6 +136,8 @@ class RawVolume:
     format: str
     identity: dict[str, str] = dataclasses.field(default_factory=dict)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    duplicates: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
