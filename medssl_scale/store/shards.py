@@ -378,7 +378,7 @@ def verified_samples(raw: BinaryIO, entry: dict[str, Any], where: str, read_size
     stream = _Counted(raw)
     done: set[str] = set()
     sample: dict[str, Any] | None = None
-    last = "none"
+    last = at = "none"
     try:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=read_size) as tar:  # type: ignore[call-overload]
             for info in tar:
@@ -393,6 +393,7 @@ def verified_samples(raw: BinaryIO, entry: dict[str, Any], where: str, read_size
                     sample = {"__key__": key}
                 if suffix in sample:
                     raise ShardError(f"{where}: member {info.name!r} appears twice")
+                at = f"member {info.name!r}"
                 f = tar.extractfile(info)
                 assert f is not None
                 data = f.read()
@@ -402,7 +403,7 @@ def verified_samples(raw: BinaryIO, entry: dict[str, Any], where: str, read_size
                 last = f"member {info.name!r}"
         stream.drain()  # tarfile stops at the end marker, or silently at a garbled header: the rest must be hashed too
     except (tarfile.TarError, EOFError) as e:
-        raise ShardError(f"{where}: unreadable tar (last member read: {last}; {e})") from e
+        raise ShardError(f"{where}: unreadable tar at or after {at} ({e})") from e
     if stream.size != entry["bytes"] or stream.sha.hexdigest() != entry["sha256"]:
         raise ShardError(f"{where}: sha256 mismatch with shards/index.json ({stream.size} bytes read, "
                          f"{entry['bytes']} listed; last member read: {last}): corrupt or altered")
