@@ -88,3 +88,141 @@ def test_deflated_pixels_never_inflate_beyond_what_the_header_declares(tmp_path:
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20
+
+
+# ---------------------------------------------------------------- instances sharing a SOPInstanceUID
+
+
+def _sop_uids(paths) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
+def test_identical_copies_are_reported_as_duplicates_of_the_kept_file(tmp_path: Path) -> None:
+    volume = ct_volume()
+    first = write_series(tmp_path / "a", volume, AXIAL, seed=4)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copy = [tmp_path / "b" / p.name for p in first]
+    rle = write_series(tmp_path / "c", volume, AXIAL, seed=4, transfer_syntax=pydicom.uid.RLELossless)
+    assert _sop_uids(first) == _sop_uids(copy) == _sop_uids(rle)  # one series, three copies of each instance
+    rv = read(first + copy + rle)
+    np.testing.assert_array_equal(rv.array, volume)
+    kept = {str(p) for p in first}
+    assert len(rv.duplicates) == 2 * len(first)
+    assert {d for d, _ in rv.duplicates} == {str(p) for p in copy + rle}
+    assert all(k in kept for _, k in rv.duplicates)
+    by_name = {Path(d).name: Path(k).name for d, k in rv.duplicates if Path(d).parent.name == "b"}
+    assert by_name == {p.name: p.name for p in first}  # each copy points at the file it copies
+
+
+def test_different_content_under_one_sop_uid_fails_and_names_the_uid(tmp_path: Path) -> None:
+    first = write_series(tmp_path / "a", ct_volume(), AXIAL, seed=4)
+    # Same Series and SOP UIDs, other pixels, another patient.
+    other = write_series(tmp_path / "b", ct_volume(seed=9), AXIAL, seed=4, identifiers={"PatientID": "OTHER-77"})
+    assert _sop_uids(first) == _sop_uids(other)
+    with pytest.raises(FailedInput) as info:
+        read(first + other)
+    reason = info.value.reason
+    assert "share SOPInstanceUID" in reason and "differ in patient" in reason
+    assert any(uid in reason for uid in _sop_uids(first)) and "OTHER-77" not in reason
+    # Same patient, other pixels: the pixels are compared, not only the headers.
+    pixels = write_series(tmp_path / "c", ct_volume(seed=9), AXIAL, seed=4)
+    with pytest.raises(FailedInput, match="differ in pixel data"):
+        read(first + pixels)
+
+
+def test_a_series_never_mixes_patients(tmp_path: Path) -> None:
+    first = write_series(tmp_path / "a", ct_volume(), AXIAL, seed=4)
+    series_uid = str(pydicom.dcmread(first[0]).SeriesInstanceUID)
+    shifted = AXIAL.copy()
+    shifted[2, 3] += SHAPE[2] * 2.5  # continues the stack: geometry alone would accept it
+    more = write_series(tmp_path / "b", ct_volume(seed=2), shifted, seed=5, series_uid=series_uid,
+                        identifiers={"PatientID": "OTHER-77"})
+    assert not _sop_uids(first) & _sop_uids(more)
+    with pytest.raises(FailedInput, match="series mixes 2 patients"):
+        read(first + more)
+
+
+# ---------------------------------------------------------------- through a real ingest
+
+PLANTED = {
+    "PatientName": "ZQXDOE^ZQXJANE",
+    "PatientID": "ZQXMRN4711",
+    "PatientBirthDate": "19310917",
+    # Kept fields quoting them, in other letter cases and date forms:
+    "BodyPartExamined": "chest zqxdoe Zqxjane zqxmrn4711 17.09.1931",
+    "ManufacturerModelName": "scanner of zqxjane",
+    "SeriesDescription": "ZQXDOE ZQXMRN4711 1931-09-17",
+}
+NEEDLES = [b"zqxdoe", b"zqxjane", b"zqxmrn4711", b"19310917", b"17.09.1931", b"1931-09-17", b"other-77"]
+
+
+def _every_output(root: Path):
+    """Every file under the dataset, tar members included."""
+    import tarfile
+
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        yield str(path.relative_to(root)), path.read_bytes()
+        if path.suffix == ".tar":
+            with tarfile.open(path) as tf:
+                for m in tf.getmembers():
+                    data = tf.extractfile(m).read()
+                    yield f"{path.name}:{m.name}", gzip.decompress(data) if m.name.endswith(".gz") else data
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    from sample_data import run_cli
+
+    root = tmp_path_factory.mktemp("coll") / "site"
+    volume = ct_volume()
+    # One series, planted identifiers; an exact copy in another folder; a copy in another transfer syntax.
+    first = write_series(root / "a", volume, AXIAL, seed=4, identifiers=PLANTED)
+    shutil.copytree(root / "a", root / "b")
+    write_series(root / "c", volume, AXIAL, seed=4, identifiers=PLANTED, transfer_syntax=pydicom.uid.RLELossless)
+    # Another series, and under its UIDs other pixels of another patient.
+    write_series(root / "d", volume, AXIAL, seed=6)
+    write_series(root / "e", ct_volume(seed=9), AXIAL, seed=6, identifiers={"PatientID": "OTHER-77"})
+    secret = tmp_path_factory.mktemp("secret") / "secret"
+    secret.write_text("a-site-secret-of-enough-bytes-0123")
+    out = tmp_path_factory.mktemp("out") / "ds"
+    res = run_cli("ingest", str(root), "--out", str(out), "--no-progress", "--secret-file", str(secret))
+    return root, out, res, secret, [p.name for p in first]
+
+
+def _records(out: Path):
+    from medssl_scale.store.layout import DatasetDir
+    from medssl_scale.store.manifest import latest, read_manifest
+
+    return list(latest(read_manifest(DatasetDir(out).manifest)).values())
+
+
+def test_ingest_records_copies_as_duplicates_and_fails_a_uid_conflict(ingested) -> None:
+    root, out, _, secret, names = ingested
+    recs = _records(out)
+    assert sum(len(r.files or [r.source]) for r in recs) == sum(1 for p in root.rglob("*") if p.is_file())
+    ok = [r for r in recs if r.status == "ok"]
+    failed = [r for r in recs if r.status == "failed"]
+    assert len(ok) == 1 and len(failed) == 1, [(r.source, r.status, r.reason) for r in recs]
+    dups = [w for w in ok[0].warnings or [] if w.startswith("duplicate file")]
+    assert len(dups) == 2 * len(names)
+    for name in names:  # each copy is findable, with the file it copies
+        assert f"duplicate file site/b/{name} left out: same SOPInstanceUID and content as site/a/{name}" in dups
+    assert "share SOPInstanceUID" in failed[0].reason and "differ in patient" in failed[0].reason
+    from ingest.deid import Pseudonymizer
+
+    other = Pseudonymizer(secret.read_bytes().strip())("patient", "OTHER-77")
+    assert all(r.patient != other for r in recs)
+
+
+def test_kept_text_fields_lose_the_items_own_identifiers_everywhere(ingested) -> None:
+    from medssl_scale.store.layout import DatasetDir
+    from medssl_scale.store.volumes import volume_store
+
+    _, out, res, _, _ = ingested
+    (vid,) = [r.volume_id for r in _records(out) if r.status == "ok"]
+    meta = volume_store(DatasetDir(out)).attrs(vid)["meta"]
+    assert meta["BodyPartExamined"] == "chest [redacted] [redacted] [redacted] [redacted]"
+    assert meta["ManufacturerModelName"] == "scanner of [redacted]"
+    found = [(name, n) for name, data in _every_output(out) for n in NEEDLES if n in data.lower()]
+    found += [("console", n) for n in NEEDLES if n in (res.stdout + res.stderr).lower().encode()]
+    assert found == []

@@ -246,9 +246,6 @@ def _base_dataset(
     ids: dict[str, str], modality: str, study_uid: str, series_uid: str, frame_of_ref: str
 ) -> Dataset:
     ds = Dataset()
-    for keyword, value in ids.items():
-        if keyword != "PrivateText":
-            setattr(ds, keyword, value)
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(0x01, "LT", ids["PrivateText"])
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -276,6 +273,9 @@ def _base_dataset(
         ds.SequenceVariant = "NONE"
         ds.ScanOptions = ""
         ds.MRAcquisitionType = "2D"
+    for keyword, value in ids.items():  # last, so a caller can plant values in technical fields too
+        if keyword != "PrivateText":
+            setattr(ds, keyword, value)
     return ds
 
 
