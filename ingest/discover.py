@@ -7,7 +7,14 @@ image. Anything else found is a :class:`Problem` with a reason, so the
 manifest can say what happened to every file under the roots.
 
 Source names are paths relative to each root's parent, so ``ingest
-/data/hospA`` records ``hospA/...`` and several roots stay distinguishable.
+/data/hospA`` records ``hospA/...`` and several roots stay distinguishable;
+each part is in the recorded form of :mod:`ingest.source_names`.
+
+Containment: a root's items may only open files that resolve inside it
+(:class:`medssl_scale.io.containment.SourceRoot`). Symlinks leaving the root,
+to files or folders, are reported and not followed unless
+``follow_symlinks``; FIFOs, devices and system pseudo-files are refused
+from their ``stat``, before anything opens them.
 """
 
 from __future__ import annotations
@@ -17,10 +24,13 @@ import fnmatch
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Literal
 
+from ingest.source_names import record_name
 from medssl_scale.io import dicom, files
+from medssl_scale.io.containment import SourceRoot, is_system_path, special_file_reason
 
 LABEL_DIR = re.compile(r"^(labels?|segmentations?|masks?)(.*)$", re.IGNORECASE)
 MODALITY_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net's per-channel suffix: case_0000.nii.gz <-> labels/case.nii.gz
@@ -36,6 +46,7 @@ class Item:
     label_path: str | None = None
     label_source: str | None = None
     classes: dict[str, str] | None = None  # label value -> class name, where a dataset.json says
+    root: SourceRoot | None = None  # where every file its readers open must resolve
 
 
 @dataclasses.dataclass
@@ -83,25 +94,29 @@ def root_names(roots: list[Path]) -> dict[Path, str]:
     for r in roots:
         if not r.exists() and not r.is_symlink():
             raise SourceError(f"source {r} does not exist")
-        name = r.resolve().name if r.name in ("", ".", "..") else r.name
+        name = record_name(r.resolve().name if r.name in ("", ".", "..") else r.name)
         if name in names.values():
             raise SourceError(f"two sources are named {name!r}; their records would collide: give them distinct folder names")
         names[r] = name
     return names
 
 
-def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, skip: Path | None = None) -> Found:
+def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, skip: Path | None = None,
+             follow_symlinks: bool = False) -> Found:
     """Walk ``roots`` (files or folders, recursively, following symlinks safely).
 
     ``skip``: a folder not to descend into (the output dataset, if it lies under a root).
+    ``follow_symlinks``: also follow links that leave the roots (never to special files).
     """
     overrides = overrides or []
     found = Found()
     images: dict[str, tuple[str, str]] = {}  # abs path -> (source name, format)
     labels: dict[str, tuple[str, str]] = {}
     companions_seen: dict[str, str] = {}  # abs path -> source name
+    root_of: dict[str, SourceRoot] = {}  # abs path -> the root it was found under
 
-    def visit_file(path: str, name: str) -> None:
+    def visit_file(path: str, name: str, area: SourceRoot) -> None:
+        root_of[path] = area
         try:
             classify(path, name)
         except Exception as e:  # e.g. a header naming a data file whose name is too long: report, go on
@@ -126,20 +141,32 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
             found.problems.append(Problem(name, "skipped", "not a medical image (unrecognised file type)"))
 
     for root, rname in root_names(roots).items():
-        _walk(root, rname, visit_file, found.problems, skip)
+        area = SourceRoot.of(root, follow_symlinks)
+        _walk(root, rname, lambda p, n, a=area: visit_file(p, n, a), found.problems, skip, area)
 
     claimed: set[str] = set()
     for path, (name, _fmt) in sorted(images.items()):
         comp = _companions(path)
         claimed.update(comp)
+        area = root_of[path]
+        refused = _refused_companion(comp, area)
+        if refused:  # e.g. scan.img -> /etc/shadow: the item fails, nothing of it is opened
+            found.problems.append(Problem(name, "failed", refused))
+            continue
         names = [name] + [companions_seen.get(c) or _sibling_name(name, c) for c in comp]
-        item = Item("file", name, [path, *comp], names, modality_for(name, overrides))
+        item = Item("file", name, [path, *comp], names, modality_for(name, overrides), root=area)
         label = _find_label(path, labels)
         if label is not None:
-            item.label_path = label
-            item.label_source = labels.pop(label)[0]
-            item.classes = _class_names(Path(label).parent)
-            claimed.update(_companions(label))
+            label_name = labels.pop(label)[0]
+            label_comp = _companions(label)
+            claimed.update(label_comp)
+            refused = _refused_companion(label_comp, root_of[label])
+            if refused:
+                found.problems.append(Problem(label_name, "failed", refused, kind="label"))
+            else:
+                item.label_path = label
+                item.label_source = label_name
+                item.classes = _class_names(Path(label).parent)
         found.items.append(item)
     for path, (name, _fmt) in sorted(labels.items()):
         found.problems.append(Problem(name, "skipped", "label map without a matching image", kind="label"))
@@ -157,16 +184,46 @@ def _companions(path: str) -> list[str]:
         return []
 
 
+def _refused_companion(comp: list[str], area: SourceRoot) -> str | None:
+    for c in comp:
+        reason = area.refusal(c, "its data file")
+        if reason:
+            return reason
+    return None
+
+
 def _sibling_name(name: str, path: str) -> str:
-    return f"{name.rsplit('/', 1)[0]}/{os.path.basename(path)}" if "/" in name else os.path.basename(path)
+    base = record_name(os.path.basename(path))
+    return f"{name.rsplit('/', 1)[0]}/{base}" if "/" in name else base
 
 
-def _walk(root: Path, rname: str, visit, problems: list[Problem], skip: Path | None) -> None:
-    """Depth-first walk that reports loops, dangling links and unreadable folders."""
+def _entry_refusal(path: str, st: os.stat_result) -> str | None:
+    """Why a file found by the walk (or given as a source) is not even classified."""
+    reason = special_file_reason(st)
+    if reason:
+        return reason
+    real = os.path.realpath(path)
+    if is_system_path(real):
+        return f"resolves into /{real.split('/')[1]}: a system pseudo-file, refusing to open it"
+    return None
+
+
+def _walk(root: Path, rname: str, visit, problems: list[Problem], skip: Path | None, area: SourceRoot) -> None:
+    """Depth-first walk that reports loops, dangling links, links leaving the root,
+    special files and unreadable folders."""
     skip_id = _dir_id(skip) if skip is not None and skip.exists() else None
     if not root.is_dir():
-        if root.is_symlink() and not root.exists():
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
             problems.append(Problem(rname, "failed", "broken symlink (its target does not exist)"))
+            return
+        except OSError as e:
+            problems.append(Problem(rname, "failed", f"unreadable: {e.strerror}"))
+            return
+        reason = _entry_refusal(str(root), st)  # named on the command line: a link is the user's choice
+        if reason:
+            problems.append(Problem(rname, "failed", reason))
         else:
             visit(str(root.absolute()), rname)
         return
@@ -189,21 +246,25 @@ def _walk(root: Path, rname: str, visit, problems: list[Problem], skip: Path | N
             problems.append(Problem(name, "failed", f"cannot read folder: {e.strerror}"))
             return
         for e in entries:
-            child = f"{name}/{e.name}"
+            child = f"{name}/{record_name(e.name)}"
             try:
-                is_dir = e.is_dir(follow_symlinks=True)
-                exists = is_dir or e.is_file(follow_symlinks=True)
+                st = os.stat(e.path)  # follows links; never opens, so a FIFO cannot block
+            except FileNotFoundError:
+                problems.append(Problem(child, "failed", "broken symlink (its target does not exist)"))
+                continue
             except OSError as err:  # e.g. ELOOP on a self-referencing link
                 problems.append(Problem(child, "failed", f"unreadable: {err.strerror}"))
                 continue
-            if is_dir:
+            reason = None if stat.S_ISDIR(st.st_mode) else _entry_refusal(e.path, st)
+            if reason:
+                problems.append(Problem(child, "skipped", reason))
+            elif e.is_symlink() and not area.follow_symlinks and not area.contains(os.path.realpath(e.path)):
+                problems.append(Problem(child, "skipped", "symlink leading outside the source folder: not followed "
+                                        "(--follow-symlinks follows it)"))
+            elif stat.S_ISDIR(st.st_mode):
                 walk(e.path, child, ancestors | {did})
-            elif not exists and e.is_symlink():
-                problems.append(Problem(child, "failed", "broken symlink (its target does not exist)"))
-            elif exists:
-                visit(os.path.abspath(e.path), child)
             else:
-                problems.append(Problem(child, "skipped", "not a regular file (device, socket or pipe)"))
+                visit(os.path.abspath(e.path), child)
 
     walk(str(root.absolute()), rname, frozenset())
 

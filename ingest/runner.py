@@ -20,11 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ingest import partitions
+from ingest import options, partitions
 from ingest.deid import Pseudonymizer, load_secret
 from ingest.discover import Item, Problem, discover, modality_for, parse_overrides
 from ingest.pipeline import Options, Result, sample_meta
 from ingest.pool import Pool
+from ingest.source_names import one_line
 from medssl_scale.io import InputError, Limits, dicom
 from medssl_scale.store.layout import (
     FORMAT_VERSION,
@@ -58,6 +59,7 @@ class IngestConfig:
     spacing: tuple[float, float, float] | None = None
     modality: list[str] = dataclasses.field(default_factory=list)
     max_voxels: int = Limits().max_voxels
+    max_memory: int | None = None  # bytes one worker may hold (--max-worker-memory); None: no cap
     chunk: int = 64
     codec: str = "lz4"
     shard: int = 256
@@ -67,6 +69,7 @@ class IngestConfig:
     hash_paths: bool = False
     subject_pattern: str | None = None
     partition: tuple[int, int] | None = None  # (i, N): ingest only partition i of N into ``out`` (see ingest.partitions)
+    follow_symlinks: bool = False  # follow links that leave the source folders (never to special files)
 
     def pinned(self, fingerprint: str) -> dict[str, Any]:
         """The settings every run on one dataset must share: they decide what the stored data is."""
@@ -98,6 +101,7 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 def run_ingest(cfg: IngestConfig, progress: Progress | None = None) -> tuple[dict[str, Any], RunStats]:
     t0 = time.perf_counter()
+    options.check(cfg)  # nothing bad is pinned into ingest.json, nothing is written
     ds = DatasetDir(cfg.out)
     overrides = parse_overrides(cfg.modality)
     secret, _ = load_secret(cfg.secret_file)
@@ -106,7 +110,7 @@ def run_ingest(cfg: IngestConfig, progress: Progress | None = None) -> tuple[dic
         out=ds.root.absolute(),
         secret=secret,
         spacing=cfg.spacing,
-        limits=Limits(cfg.max_voxels),
+        limits=Limits(cfg.max_voxels, cfg.max_memory),
         layout=VolumeLayout(chunk=cfg.chunk, shard=cfg.shard, cname=cfg.codec, clevel=5 if cfg.codec == "lz4" else 3),
         shard_codec=cfg.shard_codec,
         hash_paths=cfg.hash_paths,
@@ -136,7 +140,7 @@ def run_ingest(cfg: IngestConfig, progress: Progress | None = None) -> tuple[dic
             shards = ShardWriter(ds, cfg.shard_size)
             _finish_pending_shards(ds, opts, known, shards)
 
-            found = discover(cfg.sources, overrides, skip=_skip_root(cfg))
+            found = discover(cfg.sources, overrides, skip=_skip_root(cfg), follow_symlinks=cfg.follow_symlinks)
             if cfg.partition:
                 found = partitions.select(found, *cfg.partition)
             for p in found.problems:
@@ -333,7 +337,9 @@ def _cleanup(ds: DatasetDir) -> None:
 
 
 class _Log:
-    """logs/ingest-<UTC time>.log: statuses and reasons only, never header values."""
+    """logs/ingest-<UTC time>.log: statuses and reasons only, never header values.
+
+    One message is one line: control characters in names or library messages are escaped."""
 
     def __init__(self, ds: DatasetDir):
         ds.logs.mkdir(parents=True, exist_ok=True)
@@ -342,7 +348,7 @@ class _Log:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, line: str) -> None:
-        self._f.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {line.rstrip()}\n")
+        self._f.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {one_line(line.rstrip())}\n")
         self._f.flush()
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 ``image_format`` says by suffix which reader handles a path; ``companions``
 lists the data files that belong to a header file (so discovery counts them
-as part of one item, and hashes them with it); ``read_image_file`` reads.
+as part of one item, hashes them with it, and refuses the item when one of
+them resolves outside its source root or is not a regular file);
+``read_image_file`` reads, checking every file it opens against that root.
 
 Format names (what ``image_format`` returns) and their readers:
 
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medssl_scale.io import itk_io, nibabel_io
+from medssl_scale.io.containment import SourceRoot, header_root
 from medssl_scale.io.types import FailedInput, Limits, RawVolume, SkippedInput
 
 _SUFFIX_FORMAT = {
@@ -39,7 +42,7 @@ _SUFFIX_FORMAT = {
     ".nrrd": "nrrd", ".nhdr": "nrrd",
     ".mha": "metaimage", ".mhd": "metaimage",
 }
-READERS: dict[str, Callable[[Path, Limits], RawVolume]] = {
+READERS: dict[str, Callable[[Path, Limits, SourceRoot], RawVolume]] = {
     **{f: nibabel_io.read_nibabel for f in ("nifti", "analyze", "mgh", "minc", "parrec", "afni")},
     "nrrd": itk_io.read_itk,
     "metaimage": itk_io.read_itk,
@@ -77,11 +80,12 @@ def _case_variants(suffix: str, like: str) -> list[str]:
 
 
 def companions(path: str | os.PathLike[str]) -> list[Path]:
-    """Existing data files that belong to the header file ``path``.
+    """Data files that belong to the header file ``path`` and exist as a name
+    (a link or special file included, so that a caller can refuse it).
 
     ``.img`` beside ``.hdr``, ``.rec`` beside ``.par``, ``.brik[.gz]`` beside
     ``.head`` (any case), and the detached data files a NRRD/MetaImage header
-    names (only those inside the header's folder). Empty for single-file
+    names (only names inside the header's folder). Empty for single-file
     formats, unreadable headers and non-image paths; never raises.
     """
     path = Path(path)
@@ -97,7 +101,7 @@ def companions(path: str | os.PathLike[str]) -> list[Path]:
             for data_suffix in _SIBLING_DATA[s]:
                 for variant in _case_variants(data_suffix, like):
                     p = path.with_name(stem + variant)
-                    if p.is_file():
+                    if os.path.lexists(p):
                         found.append(p)
                         break
     unique: dict[str, Path] = {}
@@ -106,8 +110,12 @@ def companions(path: str | os.PathLike[str]) -> list[Path]:
     return list(unique.values())
 
 
-def read_image_file(path: str | os.PathLike[str], limits: Limits = Limits()) -> RawVolume:
-    """Read one single-file (or header + data) image; SkippedInput/FailedInput otherwise."""
+def read_image_file(path: str | os.PathLike[str], limits: Limits = Limits(), root: SourceRoot | None = None) -> RawVolume:
+    """Read one single-file (or header + data) image; SkippedInput/FailedInput otherwise.
+
+    ``root``: where every file opened for it must resolve (discovery's source
+    root); by default the header's own folder.
+    """
     path = Path(path)
     fmt = image_format(path)
     if fmt is None:
@@ -116,4 +124,8 @@ def read_image_file(path: str | os.PathLike[str], limits: Limits = Limits()) -> 
         raise SkippedInput("not an image format we read (unknown suffix)")
     if not path.is_file():
         raise FailedInput("file not found or not a regular file")
-    return READERS[fmt](path, limits)
+    root = root or header_root(path)
+    root.check(path)
+    for c in companions(path):  # before the reader: nibabel opens a pair's .img by itself
+        root.check(c, "its data file")
+    return READERS[fmt](path, limits, root)

@@ -5,10 +5,12 @@ ITK works in LPS with arrays indexed (z, y, x); we return the array in the
 file's (i, j, k) = (x, y, z) order and the affine in RAS+ mm.
 
 Before ITK touches the voxel data we read the text header ourselves, to
-(a) find detached data files and refuse ones that point outside the header's
-folder, and (b) compare the bytes the header declares with the bytes on disk,
-so a truncated file fails with a clear reason and a lying header never makes
-ITK allocate a huge buffer.
+(a) find detached data files (single names, LIST and printf patterns) and
+refuse ones named outside the header's folder, resolving outside the source
+root or not regular files, (b) refuse data-file references we cannot be sure
+to read as ITK does (ITK opens them itself), and (c) compare the bytes the
+header declares with the bytes on disk, so a truncated file fails with a
+clear reason and a lying header never makes ITK allocate a huge buffer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from medssl_scale.io.containment import SourceRoot, header_root
 from medssl_scale.io.types import (
     FailedInput,
     InputError,
@@ -62,14 +65,15 @@ class TextHeader:
     fields: dict[str, str]  # field name (lower case) -> value; NRRD key:=value pairs left out
     length: int             # bytes before attached voxel data
     data_names: list[str]   # detached data files as written; [] when data is attached
+    refusal: str | None = None  # why the data-file reference cannot be validated
 
 
 def _expand_pattern(tokens: list[str]) -> list[str] | None:
     """``fmt min max step [...]`` (NRRD and MetaImage): ``img%03d.raw 1 40 1``."""
-    if len(tokens) < 4 or not re.fullmatch(r"[^%]*%0?\d*d[^%]*", tokens[0]):
+    if len(tokens) not in (4, 5) or not re.fullmatch(r"[^%]*%0?\d*d[^%]*", tokens[0]):
         return None
     try:
-        lo, hi, step = (int(t) for t in tokens[1:4])
+        lo, hi, step, *_subdim = (int(t) for t in tokens[1:])  # NRRD may add a slice dimension
     except ValueError:
         return None
     if step == 0 or (hi - lo) * step < 0 or abs(hi - lo) // abs(step) + 1 > MAX_DATA_FILES:
@@ -77,12 +81,26 @@ def _expand_pattern(tokens: list[str]) -> list[str] | None:
     return [tokens[0] % i for i in range(lo, hi + (1 if step > 0 else -1), step)]
 
 
-def _data_names(value: str, rest: list[str]) -> list[str]:
-    # LIST: every later line names one file; a pattern expands; otherwise one name.
+_UNSURE = "the header's data file reference is not one we can validate ({}); refusing it"
+
+
+def _data_names(value: str, rest: list[str], truncated: bool) -> tuple[list[str], str | None]:
+    """(names, refusal). LIST: every later line names one file; a pattern expands;
+    otherwise one name. Anything ITK might read another way is refused."""
     tokens = value.split()
     if tokens and tokens[0].upper() == "LIST":
-        return [line.strip() for line in rest if line.strip()][:MAX_DATA_FILES]
-    return _expand_pattern(tokens) or [value.strip()]
+        if tokens[0] != "LIST":
+            return [], _UNSURE.format(f"{tokens[0]!r} instead of LIST")
+        names = [line.strip() for line in rest if line.strip()]
+        if truncated or len(names) > MAX_DATA_FILES:
+            return [], _UNSURE.format("a LIST longer than we read")
+        return names, None
+    expanded = _expand_pattern(tokens)
+    if expanded is not None:
+        return expanded, None
+    if "%" in value or len(tokens) != 1:
+        return [], _UNSURE.format("a pattern we do not expand, or a name with spaces")
+    return [value.strip()], None
 
 
 def read_text_header(path: str | os.PathLike[str]) -> TextHeader:
@@ -101,21 +119,32 @@ def read_text_header(path: str | os.PathLike[str]) -> TextHeader:
     if kind == "nrrd":
         if not text[0].startswith("NRRD000"):
             raise FailedInput("unreadable or corrupt NRRD header: no NRRD magic at the start")
+        detached: TextHeader | None = None  # fields may follow a single data file name: read on to the end
         for n, line in enumerate(text):
             pos += len(lines[n]) + 1
             if n == 0 or line.startswith("#") or ":=" in line.split(": ", 1)[0]:
                 continue
             if line == "":
-                return TextHeader(fields, pos, [])
+                return detached or TextHeader(fields, pos, [])
             key, sep, value = line.partition(": ")
             if not sep:
                 raise FailedInput("unreadable or corrupt NRRD header: a line is not 'field: value'")
-            fields[key.strip().lower()] = value.strip()
-            if key.strip().lower() in ("data file", "datafile"):
-                # The data file field ends the header; LIST names follow it.
-                return TextHeader(fields, pos, _data_names(value, text[n + 1:]))
+            key = key.strip().lower()  # NRRD field names match in any case
+            if key in ("data file", "datafile"):
+                if any(k in fields for k in ("data file", "datafile")):
+                    return TextHeader(fields, pos, [], _UNSURE.format("two data file fields"))
+                fields[key] = value.strip()
+                if value.split()[:1] and value.split()[0].upper() == "LIST":
+                    # LIST ends the header: every later line names one file.
+                    names, refusal = _data_names(value, text[n + 1:], len(buf) >= MAX_HEADER_BYTES)
+                    return TextHeader(fields, pos, names, refusal)
+                detached = TextHeader(fields, pos, *_data_names(value, [], False))
+                continue
+            fields[key] = value.strip()
         if len(buf) < MAX_HEADER_BYTES:  # a .nhdr may end at EOF without a blank line
-            return TextHeader(fields, len(buf), [])
+            return detached or TextHeader(fields, len(buf), [])
+        if detached is not None:
+            return TextHeader(fields, pos, [], _UNSURE.format("a header longer than we read"))
     else:
         for n, line in enumerate(text):
             pos += len(lines[n]) + 1
@@ -124,12 +153,18 @@ def read_text_header(path: str | os.PathLike[str]) -> TextHeader:
                 if line.strip():
                     raise FailedInput("unreadable or corrupt MetaImage header: a line is not 'Key = Value'")
                 continue
-            key = key.strip().lower()
+            # MetaIO matches field names case-sensitively: "ELEMENTDATAFILE" is not the data
+            # file field to ITK, which reads on to the real one. So do we.
+            exact = key.strip()
+            key = exact.lower()
             fields[key] = value.strip()
-            if key == "elementdatafile":  # always the last field
+            if exact == "ElementDataFile":  # always the last field
                 v = value.strip()
-                names = [] if v.upper() == "LOCAL" else _data_names(v, text[n + 1:])
-                return TextHeader(fields, pos, names)
+                if v.upper() == "LOCAL":
+                    if os.path.lexists(Path(path).parent / v):  # ITK might read that file instead
+                        return TextHeader(fields, pos, [], _UNSURE.format(f"a file named {v!r} lies beside the header"))
+                    return TextHeader(fields, pos, [])
+                return TextHeader(fields, pos, *_data_names(v, text[n + 1:], len(buf) >= MAX_HEADER_BYTES))
     raise FailedInput(f"unreadable or corrupt {label} header: it never ends (no data section found)")
 
 
@@ -139,23 +174,27 @@ def _inside(name: str) -> bool:
 
 
 def data_files(path: str | os.PathLike[str]) -> list[Path]:
-    """Existing detached data files of a NRRD/MetaImage header (inside its folder)."""
+    """Detached data files of a NRRD/MetaImage header named inside its folder that
+    exist as a name (links and special files included: the caller checks them)."""
     try:
         hdr = read_text_header(path)
     except InputError:
         return []
     base = Path(path).parent
-    return [base / n for n in hdr.data_names if _inside(n) and (base / n).is_file()]
+    return [base / n for n in hdr.data_names if _inside(n) and os.path.lexists(base / n)]
 
 
-def _checked_data_files(path: Path, hdr: TextHeader) -> list[Path]:
+def _checked_data_files(path: Path, hdr: TextHeader, root: SourceRoot) -> list[Path]:
+    if hdr.refusal:
+        raise FailedInput(hdr.refusal)
     out = []
     for name in hdr.data_names:
         if not _inside(name):
             raise FailedInput("the header names a data file outside its own folder; refusing to follow it")
         p = path.parent / name
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise FailedInput("data file missing: the header names a data file that is not beside it")
+        root.check(p, "its data file")
         out.append(p)
     return out
 
@@ -204,10 +243,11 @@ def _read_error(message: str, fmt: str, compressed: bool) -> str:
     return f"voxel data unreadable or corrupt ({fmt})"
 
 
-def _read(path: Path, limits: Limits) -> RawVolume:
+def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     fmt = itk_format(path)
+    root.check(path)  # before the header is opened: a FIFO must not block us
     hdr = read_text_header(path)
-    files = _checked_data_files(path, hdr)
+    files = _checked_data_files(path, hdr, root)
 
     reader = sitk.ImageFileReader()
     reader.SetImageIO(_IO_NAMES[fmt])  # never let ITK probe other formats on hostile input
@@ -276,9 +316,12 @@ def _read(path: Path, limits: Limits) -> RawVolume:
     return RawVolume(array, affine, modality=modality, format=fmt, meta=meta)
 
 
-def read_itk(path: str | os.PathLike[str], limits: Limits = Limits()) -> RawVolume:
+def read_itk(path: str | os.PathLike[str], limits: Limits = Limits(), root: SourceRoot | None = None) -> RawVolume:
     """Read a NRRD or MetaImage volume; raises SkippedInput / FailedInput for
-    anything that is not a readable 3D scalar volume."""
+    anything that is not a readable 3D scalar volume.
+
+    ``root``: where the header and its data files must resolve; by default the header's folder.
+    """
     path = Path(path)
     with reader_errors(f"{itk_format(path)} file"):
-        return _read(path, limits)
+        return _read(path, limits, root or header_root(path))

@@ -1,0 +1,257 @@
+"""Hostile source trees through the real `medssl ingest`: nothing outside the source
+folder reaches the dataset, special files never hang it, odd names are recorded
+losslessly and never forge a log line."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import secrets
+import tarfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from sample_data import run_cli
+
+from ingest.source_names import name_bytes, record_name
+from medssl_scale.io.containment import SourceRoot
+from medssl_scale.io.files import read_image_file
+from medssl_scale.io.types import FailedInput
+from medssl_scale.store.layout import DatasetDir
+from medssl_scale.store.manifest import latest, read_manifest
+from medssl_scale.store.volumes import volume_store
+from medssl_scale.synth.phantoms import ct_phantom
+
+SHAPE = (16, 16, 16)
+TIMEOUT = 120  # a FIFO opened by mistake blocks for ever: fail instead
+
+
+def _marker() -> np.ndarray:
+    return np.frombuffer(secrets.token_bytes(16), np.int16).copy()
+
+
+def _plant_secret(where: Path, marker: np.ndarray) -> Path:
+    """A file outside the source folder whose bytes, read as int16 voxels, are the marker repeated."""
+    where.mkdir(parents=True, exist_ok=True)
+    secret = where / "site-secret"
+    secret.write_bytes(np.tile(marker, 2 * np.prod(SHAPE) // marker.size).tobytes())
+    return secret
+
+
+def _mhd(path: Path, data_line: str) -> None:
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 16 16 16\nElementType = MET_SHORT\n"
+                    "ElementSpacing = 1 1 1\n" + data_line + "\n")
+
+
+def _nhdr(path: Path, data_line: str) -> None:
+    path.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 16 16 16\nencoding: raw\nendian: little\n"
+                    "spacings: 1 1 1\n" + data_line + "\n")
+
+
+def _pair(path: Path) -> None:
+    """A NIfTI .hdr/.img pair; the caller replaces the .img."""
+    nib.save(nib.Nifti1Pair(np.zeros(SHAPE, np.int16), np.eye(4)), path)
+
+
+def _good(path: Path, seed: int = 1) -> None:
+    p = ct_phantom(shape=SHAPE, seed=seed)
+    nib.save(nib.Nifti1Image(p.image, p.affine), path)
+
+
+def _ingest(*args: str) -> None:
+    run_cli("ingest", *args, "--no-progress", timeout=TIMEOUT)
+
+
+def _records(out: Path) -> dict:
+    return {r.source: r for r in latest(read_manifest(DatasetDir(out).manifest)).values()}
+
+
+def _forms(marker: np.ndarray) -> list[bytes]:
+    # Canonical reorientation may reverse rows; MR is stored as float32.
+    return [m.tobytes() for m in (marker, marker[::-1], marker.astype(np.float32), marker[::-1].astype(np.float32))]
+
+
+def _leaks(out: Path, marker: np.ndarray) -> list[str]:
+    """Where the marker appears: any output file's bytes, any decoded shard member, any decoded volume."""
+    forms, found = _forms(marker), []
+    for f in out.rglob("*"):
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        if any(m in data for m in forms):
+            found.append(str(f))
+        if f.suffix == ".tar":
+            with tarfile.open(f) as tar:
+                for m in tar.getmembers():
+                    raw = tar.extractfile(m).read()
+                    if m.name.endswith(".gz"):
+                        raw = gzip.decompress(raw)
+                    if m.name.endswith((".npy", ".npy.gz")):
+                        raw = np.load(io.BytesIO(raw)).tobytes()
+                    if any(x in raw for x in forms):
+                        found.append(f"{f}:{m.name}")
+    vols = volume_store(DatasetDir(out))
+    for vid in vols.ids():
+        a = vols.read(vid)
+        if any(m in np.ascontiguousarray(a).tobytes() or m in np.asfortranarray(a).tobytes(order="F") for m in forms):
+            found.append(f"volumes.zarr/{vid}")
+    return found
+
+
+@pytest.fixture()
+def hostile(tmp_path):
+    """A source folder whose headers and links reach for a secret outside it."""
+    marker = _marker()
+    secret = _plant_secret(tmp_path / "elsewhere", marker)
+    outside = tmp_path / "outside-dir"
+    outside.mkdir()
+    nib.save(nib.Nifti1Image(np.tile(marker, np.prod(SHAPE) // marker.size).reshape(SHAPE), np.eye(4)), outside / "vol.nii")
+    src = tmp_path / "src"
+    src.mkdir()
+    _good(src / "good.nii.gz")
+    _pair(src / "pair.hdr")
+    (src / "pair.img").unlink()
+    (src / "pair.img").symlink_to(secret)                       # a pair's .img leaving the root
+    _mhd(src / "single.mhd", "ElementDataFile = single.raw")
+    (src / "single.raw").symlink_to(secret)                     # MetaImage data file
+    _mhd(src / "listed.mhd", "ElementDataFile = LIST\nl0.raw")
+    (src / "l0.raw").symlink_to(secret)                         # LIST form
+    _mhd(src / "pattern.mhd", "ElementDataFile = p%02d.raw 0 0 1 3")
+    (src / "p00.raw").symlink_to(secret)                        # pattern form
+    _mhd(src / "spelled.mhd", "ELEMENTDATAFILE = good.raw\nElementDataFile = ../elsewhere/site-secret")
+    _nhdr(src / "detached.nhdr", "data file: d.raw")
+    (src / "d.raw").symlink_to(secret)                          # NRRD detached data file
+    _nhdr(src / "nlist.nhdr", "data file: LIST\nn0.raw")
+    (src / "n0.raw").symlink_to(secret)
+    _nhdr(src / "dotdot.nhdr", "data file: ../elsewhere/site-secret")
+    (src / "linked.nii").symlink_to(secret)                     # a main file leaving the root
+    (src / "away").symlink_to(outside, target_is_directory=True)  # a folder leaving the root
+    os.mkfifo(src / "pipe.nii.gz")
+    _pair(src / "fifopair.hdr")
+    (src / "fifopair.img").unlink()
+    os.mkfifo(src / "fifopair.img")
+    _mhd(src / "fifo.mhd", "ElementDataFile = fifo.raw")
+    os.mkfifo(src / "fifo.raw")
+    (src / "zero.nii").symlink_to("/dev/zero")
+    _pair(src / "zeropair.hdr")
+    (src / "zeropair.img").unlink()
+    (src / "zeropair.img").symlink_to("/dev/zero")
+    inside = src / "sub"
+    inside.mkdir()
+    _good(inside / "real.nii.gz", seed=2)
+    (src / "alias.nii.gz").symlink_to(inside / "real.nii.gz")   # inside the root: fine
+    return src, marker
+
+
+def test_nothing_outside_the_source_reaches_the_dataset(hostile, tmp_path):
+    src, marker = hostile
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out))
+    recs = _records(out)
+    ok = {s for s, r in recs.items() if r.status == "ok" or (r.status == "skipped" and r.duplicate_of)}
+    assert ok == {"src/good.nii.gz", "src/sub/real.nii.gz", "src/alias.nii.gz"}
+    for name in ("pair.hdr", "single.mhd", "listed.mhd", "pattern.mhd", "detached.nhdr", "nlist.nhdr",
+                 "fifopair.hdr", "fifo.mhd", "zeropair.hdr"):
+        assert recs[f"src/{name}"].status == "failed", name
+    assert "outside the source folder" in recs["src/pair.hdr"].reason
+    assert "outside its own folder" in recs["src/spelled.mhd"].reason
+    assert "outside its own folder" in recs["src/dotdot.nhdr"].reason
+    assert "pipe" in recs["src/fifopair.hdr"].reason and "pipe" in recs["src/fifo.mhd"].reason
+    assert re.search("device|/dev", recs["src/zeropair.hdr"].reason)
+    assert recs["src/pipe.nii.gz"].status == "skipped" and "pipe" in recs["src/pipe.nii.gz"].reason
+    assert recs["src/zero.nii"].status == "skipped" and re.search("device|/dev", recs["src/zero.nii"].reason)
+    for name in ("linked.nii", "away", "pair.img", "single.raw"):
+        assert recs[f"src/{name}"].status == "skipped" and "not followed" in recs[f"src/{name}"].reason, name
+    assert _leaks(out, marker) == []
+
+
+def test_follow_symlinks_follows_links_but_never_special_files(hostile, tmp_path):
+    src, marker = hostile
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out), "--follow-symlinks")
+    recs = _records(out)
+    assert recs["src/away/vol.nii"].status == "ok"
+    assert recs["src/pair.hdr"].status == "ok"
+    assert _leaks(out, marker)  # the detector sees what the option let in
+    assert "pipe" in recs["src/fifo.mhd"].reason and re.search("device|/dev", recs["src/zeropair.hdr"].reason)
+    assert recs["src/zero.nii"].status == "skipped" and re.search("device|/dev", recs["src/zero.nii"].reason)
+    assert "outside its own folder" in recs["src/spelled.mhd"].reason
+
+
+def test_special_files_given_as_sources_are_refused_at_once(tmp_path):
+    fifo = tmp_path / "scan.nii.gz"
+    os.mkfifo(fifo)
+    out = tmp_path / "ds"
+    _ingest(str(fifo), "/dev/zero", "--out", str(out))
+    recs = _records(out)
+    assert recs["scan.nii.gz"].status == "failed" and "pipe" in recs["scan.nii.gz"].reason
+    assert recs["zero"].status == "failed" and re.search("device|/dev", recs["zero"].reason)
+
+
+def test_readers_refuse_data_files_resolving_outside(tmp_path):
+    """Called directly (no discovery), readers hold a header to its own folder."""
+    marker = _marker()
+    secret = _plant_secret(tmp_path / "elsewhere", marker)
+    src = tmp_path / "src"
+    src.mkdir()
+    _mhd(src / "a.mhd", "ElementDataFile = a.raw")
+    (src / "a.raw").symlink_to(secret)
+    _pair(src / "b.hdr")
+    (src / "b.img").unlink()
+    (src / "b.img").symlink_to(secret)
+    _nhdr(src / "c.nhdr", "data file: img%d.raw 1 3 1 extra %s")
+    for path in (src / "a.mhd", src / "b.hdr"):
+        with pytest.raises(FailedInput, match="outside the source folder"):
+            read_image_file(path)
+    with pytest.raises(FailedInput, match="cannot validate|not one we can validate"):
+        read_image_file(src / "c.nhdr")
+    root = SourceRoot.of(tmp_path)  # a wider root that holds the secret: allowed
+    assert read_image_file(src / "b.hdr", root=root).array.shape == SHAPE
+
+
+LATIN1_DIR, LATIN1_FILE = b"caf\xe9", b"sc\xe8ne.nii.gz"
+
+
+def test_latin1_names_ingest_resume_and_hash(tmp_path):
+    src = tmp_path / "src"
+    folder = os.path.join(os.fsencode(src), LATIN1_DIR)
+    os.makedirs(folder)
+    _good(Path(os.fsdecode(os.path.join(folder, LATIN1_FILE))))
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out))
+    recs = _records(out)
+    name = "src/" + record_name(LATIN1_DIR) + "/" + record_name(LATIN1_FILE)
+    assert recs[name].status == "ok"
+    assert name_bytes(name) == b"src/" + LATIN1_DIR + b"/" + LATIN1_FILE
+    vols = volume_store(DatasetDir(out))
+    assert vols.attrs(recs[name].volume_id)["source"] == name
+    lines = DatasetDir(out).manifest.read_bytes()
+    _ingest(str(src), "--out", str(out), "--resume")
+    assert DatasetDir(out).manifest.read_bytes() == lines
+    hashed = tmp_path / "hashed"
+    _ingest(str(src), "--out", str(hashed), "--hash-paths")
+    (rec,) = _records(hashed).values()
+    assert rec.status == "ok" and rec.source.startswith("src-") and rec.source.endswith(".nii.gz")
+    assert b"caf" not in b"".join(f.read_bytes() for f in hashed.rglob("*") if f.is_file() and f.suffix != ".tar")
+
+
+def test_a_newline_in_a_name_cannot_forge_a_log_line(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    forged = "2030-01-01T00:00:00+00:00 ok image forged.nii.gz"
+    (src / f"bad\n{forged}\r.nii.gz").write_bytes(b"not a nifti" * 50)
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out))
+    (rec,) = _records(out).values()
+    assert rec.status == "failed" and name_bytes(rec.source) == f"src/bad\n{forged}\r.nii.gz".encode()
+    log = b"".join(f.read_bytes() for f in (out / "logs").iterdir())
+    lines = log.decode("utf-8").split("\n")[:-1]
+    assert all(re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 ", line) for line in lines), lines
+    assert not any(line.startswith("2030") for line in lines) and b"\r" not in log
+    assert any("bad\\x0a2030" in line for line in lines)
+    assert json.loads(DatasetDir(out).manifest.read_text().splitlines()[0])["source"] == rec.source
