@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-codec", choices=("npy", "npy.gz"), default="npy", help="encoding of arrays in shards")
     p.add_argument("--secret-file", type=Path, help="site secret for pseudonyms (else $MEDSSL_SITE_SECRET, "
                    "$MEDSSL_SITE_SECRET_FILE or ~/.config/medssl/site-secret)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="follow symlinks that leave the source folders (by default they are recorded as skipped)")
     p.add_argument("--hash-paths", action="store_true", help="record source paths as keyed hashes (folder names with identifiers)")
     p.add_argument("--subject-pattern", metavar="REGEX",
                    help="regex on the source path whose first group is the patient id, for formats without one (e.g. 'sub-[^/]+')")
@@ -102,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
         shard_codec=args.shard_codec,
         secret_file=args.secret_file,
         hash_paths=args.hash_paths,
+        follow_symlinks=args.follow_symlinks,
         subject_pattern=args.subject_pattern,
     )
     return execute(cfg, strict=args.strict, show_progress=not args.no_progress)

@@ -23,6 +23,7 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.minc1 import Minc1Image
 
+from medssl_scale.io.containment import SourceRoot, header_root
 from medssl_scale.io.types import (
     FailedInput,
     InputError,
@@ -205,8 +206,19 @@ def _read_error(e: Exception) -> FailedInput:
     return FailedInput(f"voxel data unreadable or corrupt ({type(e).__name__})")
 
 
-def _read(path: Path, limits: Limits) -> RawVolume:
+def _check_file_map(img, root: SourceRoot) -> None:
+    """Every file nibabel will open for the voxels (a pair's .img, a .REC, a .BRIK)
+    resolves inside the source root and is a regular file."""
+    for holder in img.file_map.values():
+        # Absent ones (an Analyze .mat is optional) are left to nibabel, which reports a missing .img itself.
+        if isinstance(holder.filename, str | os.PathLike) and os.path.lexists(holder.filename):
+            root.check(holder.filename, "its data file")
+
+
+def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
+    root.check(path)  # stat only: a FIFO is refused before nibabel opens it
     img = _load(path)
+    _check_file_map(img, root)
     fmt = _FORMATS.get(type(img).__name__)
     if fmt is None:
         raise SkippedInput(f"not a volume image ({type(img).__name__})")
@@ -236,10 +248,13 @@ def _read(path: Path, limits: Limits) -> RawVolume:
     return RawVolume(array.reshape(shape3), affine, modality=modality, format=fmt, meta=meta)
 
 
-def read_nibabel(path: str | os.PathLike[str], limits: Limits = Limits()) -> RawVolume:
-    """Read one 3D volume with nibabel; SkippedInput / FailedInput otherwise."""
+def read_nibabel(path: str | os.PathLike[str], limits: Limits = Limits(), root: SourceRoot | None = None) -> RawVolume:
+    """Read one 3D volume with nibabel; SkippedInput / FailedInput otherwise.
+
+    ``root``: where the file and its data files must resolve; by default the file's folder.
+    """
     path = Path(path)
     # nibabel warns with header details; those must not reach logs.
     with reader_errors("file"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _read(path, limits)
+        return _read(path, limits, root or header_root(path))
