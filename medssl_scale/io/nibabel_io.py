@@ -22,6 +22,7 @@ import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.minc1 import Minc1Image
+from nibabel.openers import ImageOpener
 
 from medssl_scale.io.containment import SourceRoot, header_root
 from medssl_scale.io.types import (
@@ -215,8 +216,95 @@ def _check_file_map(img, root: SourceRoot) -> None:
             root.check(holder.filename, "its data file")
 
 
+# Header and extensions of a compressed NIfTI are decompressed before the
+# first voxel: a vox_offset past this is refused before anything is read.
+MAX_HEADER_BYTES = 64 << 20
+_EXTENDER = 4  # the extension flag bytes every single-file NIfTI has after its header
+
+
+def _nifti_header(path: Path) -> tuple[int, bool, float] | None:
+    """(header size, single file?, vox_offset) of a NIfTI-1/2 header, or None when it is not one.
+
+    Read from the first bytes alone (decompressed when the name says so), so it
+    can be judged before nibabel reads the extensions up to the offset.
+    """
+    try:
+        with ImageOpener(str(path)) as f:
+            head = f.read(nib.nifti2.header_dtype.itemsize + _EXTENDER)
+    except Exception:
+        return None  # nibabel's load says what is wrong with it
+    for dtype, magics in ((nib.nifti1.header_dtype, (b"n+1", b"ni1")), (nib.nifti2.header_dtype, (b"n+2", b"ni2"))):
+        if len(head) < dtype.itemsize:
+            continue
+        for order in "<>":
+            hdr = np.frombuffer(head[: dtype.itemsize], dtype=dtype.newbyteorder(order))[0]
+            magic = bytes(hdr["magic"])[:3]
+            if int(hdr["sizeof_hdr"]) == dtype.itemsize and magic in magics:
+                return dtype.itemsize, magic == magics[0], float(hdr["vox_offset"])
+    return None
+
+
+def _check_nifti_offset(path: Path) -> None:
+    """vox_offset must be a number inside the file, and cheap to reach in a compressed one."""
+    found = _nifti_header(path)
+    if found is None:
+        return
+    _, single, offset = found
+    if not math.isfinite(offset) or offset < 0:
+        raise FailedInput("header's vox_offset is negative or not a number")
+    if not single:
+        return  # the offset is into the .img: checked with its size after loading
+    if path.name.lower().endswith(_COMPRESSED):
+        if offset > MAX_HEADER_BYTES:
+            raise FailedInput(
+                f"header's vox_offset ({offset:,.0f}) puts the voxels behind {offset:,.0f} bytes to decompress, "
+                f"over the {MAX_HEADER_BYTES:,} bytes allowed for header and extensions"
+            )
+    elif offset > (size := os.path.getsize(path)):
+        raise FailedInput(f"header's vox_offset ({offset:,.0f}) lies beyond the end of the file ({size:,} bytes)")
+
+
+def _check_compressed_offset(proxy) -> None:
+    """A compressed data file (a pair's .img.gz included) is decompressed up to the offset: bound it."""
+    if not isinstance(proxy, ArrayProxy) or not isinstance(proxy.file_like, str):
+        return
+    if proxy.file_like.lower().endswith(_COMPRESSED) and int(proxy.offset) > MAX_HEADER_BYTES:
+        raise FailedInput(
+            f"header's vox_offset ({int(proxy.offset):,}) puts the voxels behind {int(proxy.offset):,} bytes to "
+            f"decompress, over the {MAX_HEADER_BYTES:,} bytes allowed for header and extensions"
+        )
+
+
+def _repair_data_offset(img, path: Path) -> tuple[object, list[str]]:
+    """A single-file NIfTI whose vox_offset points into its own header is read from after the header.
+
+    Like nifticlib, which reads such a file from the end of the header, rather
+    than reading header bytes as voxels. Where the file's size shows whether the
+    4-byte extension flag sits between header and voxels, that decides; otherwise
+    the flag is assumed, as the standard requires it in every single file.
+    """
+    proxy = img.dataobj
+    if not isinstance(img, nib.Nifti1Image) or not isinstance(proxy, ArrayProxy):
+        return img, []
+    header_size = int(img.header.sizeof_hdr)
+    declared = float(img.header["vox_offset"])
+    if declared >= header_size:
+        return img, []
+    offset = header_size + _EXTENDER
+    data_bytes = math.prod(int(n) for n in proxy.shape) * np.dtype(proxy.dtype).itemsize
+    if not path.name.lower().endswith(_COMPRESSED) and os.path.getsize(path) == header_size + data_bytes:
+        offset = header_size  # no extension flag in this file: the voxels follow the header at once
+    fixed = ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, offset, proxy.slope, proxy.inter), order=proxy.order)
+    warning = (
+        f"header's vox_offset {declared:g} lies inside the {header_size}-byte header of a single-file NIfTI: "
+        f"voxels read from byte {offset}, where they start after the header"
+    )
+    return type(img)(fixed, img.affine, img.header), [warning]
+
+
 def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     root.check(path)  # stat only: a FIFO is refused before nibabel opens it
+    _check_nifti_offset(path)
     img = _load(path)
     _check_file_map(img, root)
     fmt = _FORMATS.get(type(img).__name__)
@@ -227,7 +315,9 @@ def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     limits.check_shape(shape3)
     disk_dtype = np.dtype(img.get_data_dtype())
     _check_dtype(disk_dtype)
+    img, notes = _repair_data_offset(img, path)
     _check_file_size(img.dataobj)
+    _check_compressed_offset(img.dataobj)
     affine = _affine(img)
     try:
         array, scaled = _read_voxels(img, disk_dtype)
@@ -245,7 +335,7 @@ def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
             meta["intent"] = intent
     # PAR/REC only comes from Philips MR scanners; other formats do not say.
     modality = "MR" if fmt == "parrec" else None
-    return RawVolume(array.reshape(shape3), affine, modality=modality, format=fmt, meta=meta)
+    return RawVolume(array.reshape(shape3), affine, modality=modality, format=fmt, meta=meta, warnings=notes)
 
 
 def read_nibabel(path: str | os.PathLike[str], limits: Limits = Limits(), root: SourceRoot | None = None) -> RawVolume:
