@@ -30,6 +30,67 @@ def read(paths, limits: Limits | None = None):
     return read_series([str(p) for p in paths], limits or Limits())
 
 
+# ---------------------------------------------------------------- NIfTI vox_offset
+
+
+def _nifti_with_offset(path: Path, offset: float, cls=nib.Nifti1Image, volume=None, extender: bool = True) -> np.ndarray:
+    """A single-file NIfTI whose header says ``offset``; returns the voxels it holds."""
+    volume = ct_volume() if volume is None else volume
+    img = cls(volume, AXIAL)
+    img.header.set_slope_inter(2.0, -1024.0)
+    data = bytearray(img.to_bytes())
+    size = img.header.sizeof_hdr
+    field, dtype = (108, "<f4") if cls is nib.Nifti1Image else (168, "<i8")
+    data[field:field + np.dtype(dtype).itemsize] = np.array(offset, dtype).tobytes()
+    if not extender:
+        del data[size:size + 4]
+    path.write_bytes(gzip.compress(bytes(data)) if path.name.endswith(".gz") else bytes(data))
+    return volume.astype(np.int32) * 2 - 1024
+
+
+@pytest.mark.parametrize("cls", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("name, extender", [("v.nii", True), ("v.nii", False), ("v.nii.gz", True)])
+def test_vox_offset_inside_the_header_is_read_after_it_with_a_warning(tmp_path: Path, cls, name, extender) -> None:
+    from medssl_scale.io.nibabel_io import read_nibabel
+
+    volume = ct_volume()
+    volume[0, 0, 0] = 0  # without the extension flag, the first voxel's bytes are read as that flag
+    expected = _nifti_with_offset(tmp_path / name, 0, cls, volume, extender=extender)
+    rv = read_nibabel(tmp_path / name)
+    np.testing.assert_array_equal(rv.array, expected)  # not header bytes as voxels
+    np.testing.assert_allclose(rv.affine, AXIAL)
+    (warning,) = rv.warnings
+    assert f"vox_offset 0 lies inside the {cls(expected, AXIAL).header.sizeof_hdr}-byte header" in warning
+
+
+def test_vox_offset_beyond_the_file_or_too_deep_in_a_gzip_fails_fast(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    from medssl_scale.io import nibabel_io
+    from medssl_scale.io.nibabel_io import read_nibabel
+
+    monkeypatch.setattr(nibabel_io, "MAX_HEADER_BYTES", 1 << 20)  # keeps the test small
+
+    _nifti_with_offset(tmp_path / "far.nii", 4e9)
+    with pytest.raises(FailedInput, match=r"vox_offset \(4,000,000,000\) lies beyond the end of the file"):
+        read_nibabel(tmp_path / "far.nii")
+    # A real, readable file whose voxels lie 4 MiB deep: refused before decompressing up to them.
+    volume = ct_volume()
+    img = nib.Nifti1Image(volume, AXIAL)
+    raw = bytearray(img.to_bytes())
+    offset = 4 << 20
+    raw[108:112] = np.array(offset, "<f4").tobytes()
+    raw[352:352] = bytes(offset - 352)
+    (tmp_path / "deep.nii.gz").write_bytes(gzip.compress(bytes(raw), compresslevel=1))
+    start = time.perf_counter()
+    with pytest.raises(FailedInput, match="bytes to decompress, over the 1,048,576 bytes allowed"):
+        read_nibabel(tmp_path / "deep.nii.gz")
+    assert time.perf_counter() - start < 0.5
+    _nifti_with_offset(tmp_path / "neg.nii", -400)
+    with pytest.raises(FailedInput, match="vox_offset is negative"):
+        read_nibabel(tmp_path / "neg.nii")
+
+
 # ---------------------------------------------------------------- legacy and deflated DICOM
 
 
@@ -182,6 +243,7 @@ def ingested(tmp_path_factory):
     # Another series, and under its UIDs other pixels of another patient.
     write_series(root / "d", volume, AXIAL, seed=6)
     write_series(root / "e", ct_volume(seed=9), AXIAL, seed=6, identifiers={"PatientID": "OTHER-77"})
+    _nifti_with_offset(root / "vox0.nii", 0)
     secret = tmp_path_factory.mktemp("secret") / "secret"
     secret.write_text("a-site-secret-of-enough-bytes-0123")
     out = tmp_path_factory.mktemp("out") / "ds"
@@ -200,7 +262,7 @@ def test_ingest_records_copies_as_duplicates_and_fails_a_uid_conflict(ingested) 
     root, out, _, secret, names = ingested
     recs = _records(out)
     assert sum(len(r.files or [r.source]) for r in recs) == sum(1 for p in root.rglob("*") if p.is_file())
-    ok = [r for r in recs if r.status == "ok"]
+    ok = [r for r in recs if r.status == "ok" and r.format == "dicom"]
     failed = [r for r in recs if r.status == "failed"]
     assert len(ok) == 1 and len(failed) == 1, [(r.source, r.status, r.reason) for r in recs]
     dups = [w for w in ok[0].warnings or [] if w.startswith("duplicate file")]
@@ -219,10 +281,16 @@ def test_kept_text_fields_lose_the_items_own_identifiers_everywhere(ingested) ->
     from medssl_scale.store.volumes import volume_store
 
     _, out, res, _, _ = ingested
-    (vid,) = [r.volume_id for r in _records(out) if r.status == "ok"]
+    (vid,) = [r.volume_id for r in _records(out) if r.status == "ok" and r.format == "dicom"]
     meta = volume_store(DatasetDir(out)).attrs(vid)["meta"]
     assert meta["BodyPartExamined"] == "chest [redacted] [redacted] [redacted] [redacted]"
     assert meta["ManufacturerModelName"] == "scanner of [redacted]"
     found = [(name, n) for name, data in _every_output(out) for n in NEEDLES if n in data.lower()]
     found += [("console", n) for n in NEEDLES if n in (res.stdout + res.stderr).lower().encode()]
     assert found == []
+
+
+def test_ingest_records_the_vox_offset_repair(ingested) -> None:
+    _, out, _, _, _ = ingested
+    (rec,) = [r for r in _records(out) if r.source.endswith("vox0.nii")]
+    assert rec.status == "ok" and any("vox_offset 0 lies inside the 348-byte header" in w for w in rec.warnings)
