@@ -7,32 +7,75 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medssl_scale.store.layout import DatasetDir
-from medssl_scale.store.manifest import latest, read_manifest
+from medssl_scale.store.integrity import VolumeError
+from medssl_scale.store.layout import VOLUME_ID, DatasetDir
+from medssl_scale.store.manifest import ManifestRecord, TornManifestError, latest, read_manifest
 from medssl_scale.store.shards import read_index, verify_shards
 from medssl_scale.store.summary import render, summarize
-from medssl_scale.store.volumes import label_store, volume_store
+from medssl_scale.store.volumes import ArrayStore, label_store, volume_store
 
 
-def check_dataset(ds: DatasetDir, verify_checksums: bool = True) -> list[str]:
-    """Everything that disagrees between manifest, Zarr stores and shard index."""
-    problems: list[str] = []
+def load_records(ds: DatasetDir) -> tuple[list[ManifestRecord], list[str]]:
+    """The manifest's current records and what is wrong with it (a torn last line; an invalid record: no records)."""
+    try:
+        return list(latest(read_manifest(ds.manifest, torn_tail="refuse")).values()), []
+    except TornManifestError as e:
+        return list(latest(read_manifest(ds.manifest)).values()), [str(e)]
+    except (OSError, ValueError) as e:
+        return [], [str(e)]
+
+
+def check_arrays(store: ArrayStore, name: str, rehash: bool) -> tuple[set[str], list[str]]:
+    """(the arrays that are sound, problems): names, metadata, every stored file (``rehash``: by sha256)."""
+    sound, problems = set(), []
+    for vid in store.ids():
+        if not VOLUME_ID.fullmatch(vid):
+            problems.append(f"{name}/{vid}: not a volume id (v + 19 hex digits)")
+            continue
+        found = store.verify(vid, rehash=rehash)
+        if not found and store.attrs(vid).get("volume_id", vid) != vid:
+            found = [f"{name}/{vid}: its attributes name another volume, {store.attrs(vid)['volume_id']}"]
+        problems += found
+        if not found:
+            sound.add(vid)
+    return sound, problems
+
+
+def check_dataset(ds: DatasetDir, verify_checksums: bool = True, records: list[ManifestRecord] | None = None) -> list[str]:
+    """Everything that disagrees between manifest, Zarr stores and shard index, and every file that is not as written.
+
+    ``verify_checksums``: re-hash every chunk and shard file; without it (``--quick``) files are
+    still checked for presence and size, and metadata and attributes for shape and type.
+    """
     if not ds.manifest.exists():
         return [f"no manifest at {ds.manifest}: not a dataset directory"]
-    records = list(latest(read_manifest(ds.manifest)).values())
+    problems: list[str] = []
+    if records is None:
+        records, problems = load_records(ds)
     vols, labs = volume_store(ds), label_store(ds)
     stored = set(vols.ids())
+    sound, found = check_arrays(vols, "volumes.zarr", verify_checksums)
+    problems += found
+    sound_labels, found = check_arrays(labs, "labels.zarr", verify_checksums)
+    problems += found
     ok_ids, labelled = set(), set()
     for r in records:
         if r.kind != "image" or r.status != "ok":
             continue
+        if r.volume_id is None or r.shape is None:
+            problems.append(f"{r.source}: ok record without a volume id or shape")
+            continue
         ok_ids.add(r.volume_id)
         if r.volume_id not in stored:
             problems.append(f"{r.source}: volume {r.volume_id} is in the manifest but not in volumes.zarr")
-        elif r.has_label and not labs.exists(r.volume_id):
-            problems.append(f"{r.source}: has_label but no labels.zarr/{r.volume_id}")
+        elif r.volume_id in sound and list(vols.shape(r.volume_id)) != r.shape:
+            problems.append(f"{r.source}: volumes.zarr/{r.volume_id} has shape {list(vols.shape(r.volume_id))}, the manifest says {r.shape}")
         if r.has_label:
             labelled.add(r.volume_id)
+            if not labs.exists(r.volume_id):
+                problems.append(f"{r.source}: has_label but no labels.zarr/{r.volume_id}")
+            elif r.volume_id in sound_labels and list(labs.shape(r.volume_id)) != r.shape:
+                problems.append(f"{r.source}: labels.zarr/{r.volume_id} has shape {list(labs.shape(r.volume_id))}, the image {r.shape}")
     for vid in sorted(stored - ok_ids):
         problems.append(f"volumes.zarr/{vid} is not referenced by any manifest record")
     for vid in sorted(set(labs.ids()) - labelled):
@@ -67,11 +110,14 @@ def write_thumbnails(ds: DatasetDir, out: Path, progress: Any = None) -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     vols, labs = volume_store(ds), label_store(ds)
     written = []
-    ids = vols.ids()
+    ids = [vid for vid in vols.ids() if VOLUME_ID.fullmatch(vid)]
     for n, vid in enumerate(ids, 1):
-        arr = vols.read(vid)
-        attrs = vols.attrs(vid)
-        label = labs.read(vid) if labs.exists(vid) else None
+        try:
+            arr = vols.read(vid)
+            attrs = vols.attrs(vid)
+            label = labs.read(vid) if labs.exists(vid) else None
+        except VolumeError:
+            continue  # reported among the problems
         title = f"{vid}  {attrs.get('modality')}  {'x'.join(map(str, arr.shape))} @ {'x'.join(f'{s:g}' for s in attrs['spacing'])} mm  (RAS; viewer's right = patient's right)"
         img = thumbnail(arr, tuple(attrs["spacing"]), attrs.get("modality", "MR"), title, label)
         path = out / f"{vid}.png"
@@ -86,13 +132,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="summarise and verify a dataset directory; optional thumbnails")
     p.add_argument("dataset", type=Path, metavar="DATASET")
     p.add_argument("--thumbnails", type=Path, metavar="DIR", help="write one PNG per volume with its three mid-planes")
-    p.add_argument("--no-verify", action="store_true", help="skip re-hashing the shards")
+    p.add_argument("--quick", action="store_true",
+                   help="skip re-hashing volume chunks and shards (files are still checked for presence and size)")
+    p.add_argument("--no-verify", dest="quick", action="store_true", help=argparse.SUPPRESS)  # the old name of --quick
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    return execute(args.dataset, thumbnails=args.thumbnails, verify=not args.no_verify, as_json=args.json)
+    return execute(args.dataset, thumbnails=args.thumbnails, verify=not args.quick, as_json=args.json)
 
 
 def execute(dataset: Path, thumbnails: Path | None = None, verify: bool = True, as_json: bool = False) -> int:
@@ -104,8 +152,9 @@ def execute(dataset: Path, thumbnails: Path | None = None, verify: bool = True, 
     if not ds.manifest.exists():
         err.print(f"[red]medssl inspect: {ds.root} is not a dataset directory (no manifest.jsonl)")
         return 2
-    summary = summarize(ds)
-    problems = check_dataset(ds, verify_checksums=verify)
+    records, problems = load_records(ds)
+    summary = summarize(ds, sorted(records, key=lambda r: (r.source, r.kind)))
+    problems += check_dataset(ds, verify_checksums=verify, records=records)
     if as_json:
         print(json.dumps({**summary, "problems": problems}, indent=1, sort_keys=True))
     else:
@@ -113,7 +162,7 @@ def execute(dataset: Path, thumbnails: Path | None = None, verify: bool = True, 
         for p in problems:
             err.print(f"[red]problem: {p}")
         if not problems:
-            out.print(f"[green]{'shard checksums verified; ' if verify else ''}manifest, volumes and shard index agree")
+            out.print(f"[green]{'volume and shard checksums verified; ' if verify else ''}manifest, volumes and shard index agree")
     if thumbnails:
         paths = write_thumbnails(ds, thumbnails)
         if not as_json:

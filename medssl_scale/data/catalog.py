@@ -4,6 +4,11 @@ Everything the sampler plans with (shape, modality, patient, label) comes
 from the manifest, so building a plan over tens of thousands of volumes opens
 no array; the per-volume attributes a worker needs (intensity statistics,
 the foreground map) are read when the worker first visits the volume.
+
+The manifest is checked as it is read (:func:`read_manifest` validates every
+record; a torn last line, left by an interrupted ingest, is refused rather
+than trained around), and an ok record without the fields a plan needs is an
+error naming the record. Readers compare the arrays they open against it.
 """
 
 from __future__ import annotations
@@ -39,17 +44,22 @@ class Catalog:
             raise FileNotFoundError(f"{ds.root} is not a dataset directory (no manifest.jsonl): run `medssl ingest` first")
         seen: set[str] = set()
         vols = []
-        for rec in latest(read_manifest(ds.manifest)).values():
-            if rec.kind != "image" or rec.status != "ok" or rec.volume_id is None or rec.volume_id in seen:
+        for rec in latest(read_manifest(ds.manifest, torn_tail="refuse")).values():
+            if rec.kind != "image" or rec.status != "ok":
+                continue
+            missing = [f for f in ("volume_id", "shape", "spacing", "modality") if getattr(rec, f) is None]
+            if missing:
+                raise ValueError(f"{ds.manifest}: the ok record of {rec.source} has no {', '.join(missing)}")
+            if rec.volume_id in seen:
                 continue
             if modalities and rec.modality not in modalities:
                 continue
             if labelled_only and not rec.has_label:
                 continue
             seen.add(rec.volume_id)
-            x, y, z = rec.shape or (0, 0, 0)
-            sx, sy, sz = rec.spacing or (1.0, 1.0, 1.0)
-            vols.append(VolumeInfo(rec.volume_id, rec.modality or "CT", (z, y, x), (sz, sy, sx), rec.patient, bool(rec.has_label)))
+            x, y, z = rec.shape
+            sx, sy, sz = rec.spacing
+            vols.append(VolumeInfo(rec.volume_id, rec.modality, (z, y, x), (sz, sy, sx), rec.patient, bool(rec.has_label)))
         if not vols:
             raise ValueError(f"{ds.root}: no usable volumes (status ok{', modality ' + '/'.join(modalities) if modalities else ''}"
                              f"{', with labels' if labelled_only else ''}) in the manifest")

@@ -42,6 +42,7 @@ from medssl_scale.data.transforms import (
 )
 from medssl_scale.store import foreground
 from medssl_scale.store.chunks import ChunkCache, VolumeReader
+from medssl_scale.store.integrity import VolumeError
 
 CT_PAD_HU = -1024  # padding is air, not water (0 HU)
 UNLABELLED = -1
@@ -84,6 +85,9 @@ class _Access:
                 cache[key] = None  # datasets ingested before the map existed: uniform
             else:
                 grid, block = foreground.decode(attr)  # stored (x, y, z) like every attribute
+                if grid.shape != tuple(-(-n // block) for n in reversed(shape)):
+                    raise ValueError(f"volume {self.attrs(index).get('volume_id', index)}: foreground map of shape {list(grid.shape)} does not fit the volume "
+                                     f"{list(reversed(shape))} in blocks of {block}")
                 cache[key] = ForegroundSampler(np.ascontiguousarray(grid.transpose(2, 1, 0)), block, shape, size, min_fg)
         s = cache[key]
         return s.start(rng) if s is not None else uniform_start(rng, shape, size)
@@ -140,7 +144,11 @@ class VolumeAccess(_Access):
         if r is None:
             ds = self.catalog.dataset
             root = ds.labels if labels else ds.volumes
-            r = self._readers[key] = VolumeReader(root / self.catalog.volumes[index].volume_id, self.cache)
+            info = self.catalog.volumes[index]
+            r = VolumeReader(root / info.volume_id, self.cache)  # raises VolumeError for anything it cannot verify
+            if r.shape != info.shape_zyx:  # the plan's boxes come from the manifest: both must agree
+                raise VolumeError(f"{r.path}: shape {list(reversed(r.shape))} but {ds.manifest.name} says {list(reversed(info.shape_zyx))}")
+            self._readers[key] = r
         return r
 
     def attrs(self, index: int) -> dict[str, Any]:

@@ -57,6 +57,12 @@ def encode(grid: np.ndarray, block: int = BLOCK) -> dict[str, Any]:
 
 
 def decode(attr: dict[str, Any]) -> tuple[np.ndarray, int]:
-    """(grid, block) from the ``foreground`` attribute."""
-    raw = zlib.decompress(base64.b64decode(attr["zlib_b64"]))
+    """(grid, block) from the ``foreground`` attribute; ValueError unless it holds exactly ``shape``'s bytes."""
+    n = int(np.prod(attr["shape"]))
+    try:  # an attribute is untrusted: inflate no more than the grid it claims to be
+        raw = zlib.decompressobj().decompress(base64.b64decode(attr["zlib_b64"], validate=True), n + 1)
+    except (zlib.error, ValueError) as e:
+        raise ValueError(f"foreground attribute does not decode ({e})") from None
+    if len(raw) != n:
+        raise ValueError(f"foreground attribute holds {len(raw)} bytes, not the {n} of its shape {attr['shape']}")
     return np.frombuffer(raw, dtype=np.uint8).reshape(attr["shape"]), int(attr["block"])

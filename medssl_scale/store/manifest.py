@@ -2,21 +2,30 @@
 
 During an ingest the runner appends one line per finished item (a single
 ``write`` of a whole line to an O_APPEND file, so a killed process leaves
-whole lines only). At the end the file is compacted: the last record per
-item wins, sorted by source, written to a temporary name and renamed.
+whole lines only, or a torn last line without its newline). At the end the
+file is compacted: the last record per item wins, sorted by source, written
+to a temporary name and renamed.
+
+A manifest is untrusted input: every record is validated (volume ids match
+the store's pattern before anything turns them into paths; shapes and
+spacings are three positive numbers), and an invalid line is an error naming
+the file and line. A torn last line is what an interrupted ingest leaves: the
+ingest itself drops it and redoes the item (``--resume``); readers of a
+finished dataset refuse it (``read_manifest(..., torn_tail="refuse")``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from medssl_scale.store.layout import atomic_write_text
+from medssl_scale.store.layout import atomic_write_text, check_volume_id
 
 Status = Literal["ok", "skipped", "failed"]
 
@@ -48,6 +57,25 @@ class ManifestRecord(BaseModel):
     warnings: list[str] | None = None
     duplicate_of: str | None = None  # volume id this item's content already is
 
+    @field_validator("volume_id", "duplicate_of")
+    @classmethod
+    def _volume_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_volume_id(v, "volume id")
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 3 or any(n < 1 for n in v)):
+            raise ValueError(f"shape must be 3 positive integers, not {v}")
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 3 or not all(math.isfinite(x) and x > 0 for x in v)):
+            raise ValueError(f"spacing must be 3 finite positive numbers, not {v}")
+        return v
+
     @property
     def key(self) -> tuple[str, str]:
         return (self.kind, self.source)
@@ -56,22 +84,51 @@ class ManifestRecord(BaseModel):
         return self.model_dump_json(exclude_none=True, exclude_defaults=False) + "\n"
 
 
-def read_manifest(path: Path) -> list[ManifestRecord]:
-    """All records, tolerating a torn last line (a crash mid-append)."""
+class TornManifestError(ValueError):
+    """The manifest's last line has no newline: an ingest was interrupted mid-append, or the file was cut short."""
+
+
+def torn_last_line(path: Path) -> str | None:
+    """Why the manifest's last line is torn, or None when it ends in a whole line."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return None
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return None
+    except FileNotFoundError:
+        return None
+    return (f"{path}: the last line is torn (no newline: an ingest was interrupted or the file was cut short); "
+            "rerun the ingest with --resume to repair it")
+
+
+def read_manifest(path: Path, torn_tail: Literal["drop", "refuse"] = "drop") -> list[ManifestRecord]:
+    """All records; ValueError naming file and line for an invalid one.
+
+    A torn last line (no newline) is dropped (``"drop"``: the ingest redoes that
+    item, and :class:`ManifestAppender` cuts it off) or refused (``"refuse"``:
+    :class:`TornManifestError`), which is what readers of a finished dataset want.
+    """
     path = Path(path)
     if not path.exists():
         return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1]:  # no newline after the last line
+        if torn_tail == "refuse":
+            raise TornManifestError(torn_last_line(path) or f"{path}: the last line is torn")
+        lines.pop()
     records: list[ManifestRecord] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(ManifestRecord.model_validate(json.loads(line)))
-        except (json.JSONDecodeError, ValueError) as e:
-            if n == len(lines):  # torn tail of an interrupted append: the item is redone
-                break
-            raise ValueError(f"{path}:{n}: invalid manifest record: {e}") from e
+            records.append(ManifestRecord.model_validate(json.loads(line.decode("utf-8"))))
+        except ValueError as e:  # also JSON and UTF-8 errors
+            raise ValueError(f"{path}:{n}: invalid manifest record: {e}") from None
     return records
 
 

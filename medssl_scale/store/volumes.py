@@ -17,8 +17,9 @@ Each array is written complete into ``DATASET/.tmp``, sealed (every chunk
 file's size and sha256 recorded in its attributes, see
 :mod:`medssl_scale.store.integrity`) and renamed into the group, so readers
 and a resumed ingest never see a partial volume. Every chunk ends in a
-``crc32c``; reading through this store checks the metadata, that every
-recorded file is there with its size, and (inside zarr) each chunk's crc32c.
+``crc32c``. Reads go through :class:`~medssl_scale.store.chunks.VolumeReader`,
+which checks the metadata, that every recorded file is there with its size,
+and each chunk's crc32c before decoding it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from medssl_scale.store.integrity import CHECKSUMS, VolumeError, decode_error, read_meta, seal, verify_files
+from medssl_scale.store.chunks import VolumeReader, open_checked
+from medssl_scale.store.integrity import CHECKSUMS, VolumeError, read_meta, seal, verify_files
 from medssl_scale.store.layout import DatasetDir, atomic_write_text, publish_dir
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # one path component, never "..": ids become directory names
@@ -139,12 +141,22 @@ class ArrayStore:
         return read_meta(self.dir(volume_id))
 
     def open(self, volume_id: str) -> zarr.Array:
-        """The Zarr array itself, axes (z, y, x), after checking that every recorded chunk file is there."""
+        """The Zarr array itself, axes (z, y, x), after checking that every recorded chunk file is there.
+
+        Reads through it check each chunk's crc32c but raise zarr's errors, which name no file:
+        :meth:`read` and :meth:`crop` do.
+        """
         meta = self.meta(volume_id)
         problems = verify_files(self.dir(volume_id), meta, rehash=False)
         if problems:
             raise VolumeError(problems[0])
-        return zarr.open_array(str(self.dir(volume_id)), mode="r")
+        return open_checked(self.dir(volume_id))
+
+    def reader(self, volume_id: str) -> VolumeReader:
+        """A verifying reader of boxes (axes z, y, x)."""
+        if not self.exists(volume_id):
+            raise KeyError(f"no array {volume_id!r} in {self.path}")
+        return VolumeReader(self.dir(volume_id))
 
     def verify(self, volume_id: str, rehash: bool = True) -> list[str]:
         """Everything wrong with the stored array: metadata, missing or changed files (``rehash``: by sha256)."""
@@ -158,23 +170,17 @@ class ArrayStore:
         """(x, y, z) shape."""
         return tuple(reversed(self.meta(volume_id)["shape"]))  # type: ignore[return-value]
 
-    def _get(self, volume_id: str, where: tuple[slice, ...]) -> np.ndarray:
-        z = self.open(volume_id)
-        try:
-            return z[where]
-        except VolumeError:
-            raise
-        except (RuntimeError, ValueError, SystemError, TypeError, OSError) as e:  # what blosc, numcodecs, zarr and zarrs raise
-            raise decode_error(self.dir(volume_id), self.meta(volume_id), e) from None
-
     def read(self, volume_id: str) -> np.ndarray:
         """The whole volume as an (x, y, z) RAS array (a Fortran-ordered view)."""
-        return self._get(volume_id, (slice(None),) * 3).T
+        r = self.reader(volume_id)
+        return r.box((0, 0, 0), r.shape).T
 
     def crop(self, volume_id: str, start: tuple[int, int, int], size: tuple[int, int, int]) -> np.ndarray:
-        """An (x, y, z) box, reading only the chunks it touches."""
-        (x, y, z), (sx, sy, sz) = start, size
-        return self._get(volume_id, (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))).T
+        """An (x, y, z) box, reading only the chunks it touches (cut at the volume's end, like slicing)."""
+        r = self.reader(volume_id)
+        lo = [max(0, s) for s in reversed(start)]
+        hi = [max(l, min(n, s + k)) for l, s, k, n in zip(lo, reversed(start), reversed(size), r.shape)]
+        return r.box(tuple(lo), tuple(h - l for l, h in zip(lo, hi))).T
 
     def attrs(self, volume_id: str) -> dict[str, Any]:
         """The volume's attributes, checked (without the store's own checksum list)."""

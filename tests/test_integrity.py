@@ -1,0 +1,212 @@
+"""Corrupt datasets: every damaged volume file and manifest is caught by inspect and refused by the readers, naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from sample_data import run_cli
+
+from ingest.runner import IngestConfig, run_ingest
+from medssl_scale.data.catalog import Catalog
+from medssl_scale.data.crops import VolumeAccess
+from medssl_scale.inspect import execute
+from medssl_scale.store.chunks import VolumeReader
+from medssl_scale.store.integrity import VolumeError
+from medssl_scale.store.layout import DatasetDir
+from medssl_scale.store.manifest import TornManifestError, read_manifest
+from medssl_scale.store.volumes import volume_store
+from medssl_scale.synth.phantoms import ct_phantom
+
+SHAPE = (40, 36, 24)  # (x, y, z); stored (24, 36, 40) in 16^3 chunks, 32^3 shards: four shard files
+
+
+def _ingest(src: Path, out: Path, **kw) -> None:
+    run_ingest(IngestConfig(sources=[src], out=out, chunk=16, shard=32, **kw))
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("integrity")
+    src = root / "src"
+    src.mkdir()
+    for i in range(2):
+        p = ct_phantom(shape=SHAPE, seed=i)
+        nib.save(nib.Nifti1Image(p.image, p.affine), src / f"ct{i}.nii.gz")
+    _ingest(src, root / "dataset")
+    return root
+
+
+@pytest.fixture
+def ds(clean, tmp_path) -> DatasetDir:
+    shutil.copytree(clean / "dataset", tmp_path / "dataset")
+    return DatasetDir(tmp_path / "dataset")
+
+
+@pytest.fixture
+def inspect(capsys):
+    """``medssl inspect`` in this process (the command's own process costs seconds of imports): (exit code, stderr unwrapped)."""
+    def run(ds: DatasetDir, quick: bool = False) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = execute(ds.root, verify=not quick)
+        return rc, capsys.readouterr().err.replace("\n", "")
+    return run
+
+
+def _first_volume(ds: DatasetDir) -> tuple[str, Path]:
+    vid = volume_store(ds).ids()[0]
+    return vid, ds.volumes / vid
+
+
+def _chunk_span(shard: Path) -> tuple[int, int]:
+    """(offset, length) of the first chunk stored in a shard file (index: 2x2x2 (offset, nbytes) + crc32c at the end)."""
+    data = shard.read_bytes()
+    index = np.frombuffer(data[-(8 * 16 + 4):-4], dtype="<u8").reshape(8, 2)
+    offset, nbytes = next((int(o), int(n)) for o, n in index if o != 2**64 - 1)
+    return offset, nbytes
+
+
+def _corrupt(array: Path, how: str) -> str:
+    """Damage shard c/0/0/0 of ``array``; returns its key."""
+    key = "c/0/0/0"
+    f = array / key
+    if how == "deleted":
+        f.unlink()
+        return key
+    data = bytearray(f.read_bytes())
+    offset, nbytes = _chunk_span(f)
+    if how == "flipped":
+        data[offset + nbytes - 10] ^= 0x01  # late in the chunk: decodes to wrong voxels without a checksum
+    elif how == "blosc-header":
+        data[offset:offset + 16] = b"\xff" * 16  # Blosc's header: SystemError from blosc, naming nothing
+    f.write_bytes(bytes(data))
+    return key
+
+
+def test_ingest_checksums_every_chunk_and_stored_file(ds):
+    vid, array = _first_volume(ds)
+    meta = json.loads((array / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]][-1] == "crc32c"
+    files = meta["attributes"]["checksums"]["files"]
+    assert sorted(files) == ["c/0/0/0", "c/0/0/1", "c/0/1/0", "c/0/1/1"]
+    assert all(files[k]["bytes"] == (array / k).stat().st_size for k in files)
+    assert "checksums" not in volume_store(ds).attrs(vid)  # the store's own record, not a volume attribute
+    res = run_cli("inspect", str(ds.root))
+    assert "volume and shard checksums verified" in res.stdout
+
+
+@pytest.mark.parametrize("how", ["deleted", "flipped", "blosc-header"])
+def test_inspect_and_readers_catch_a_damaged_chunk_file(ds, how, inspect):
+    vid, array = _first_volume(ds)
+    key = _corrupt(array, how)
+    named = f"volumes.zarr/{vid}/{key}"
+
+    if how == "flipped":  # once through the command itself
+        res = run_cli("inspect", str(ds.root), check=False)
+        assert res.returncode == 1 and named in res.stderr.replace("\n", ""), res.stdout + res.stderr
+    rc, err = inspect(ds)
+    assert rc == 1 and f"{named}: " in err, err
+    # --quick checks presence and size, and leaves the re-hashing out.
+    rc, err = inspect(ds, quick=True)
+    assert rc == (1 if how == "deleted" else 0), err
+
+    # The lean crop reader (training's zarr path), a whole-volume read, and the store's zarr reads.
+    whole = ((0, 0, 0), tuple(reversed(SHAPE)))
+    with pytest.raises(VolumeError, match=named):
+        VolumeReader(array).box(*whole)
+    catalog = Catalog.load(ds.root)
+    with pytest.raises(VolumeError, match=named):
+        VolumeAccess(catalog, 16).read(catalog.index(vid), whole)
+    with pytest.raises(VolumeError, match=named):
+        volume_store(ds).read(vid)
+    with pytest.raises(VolumeError, match=named):
+        volume_store(ds).crop(vid, (0, 0, 0), (8, 8, 8))
+
+
+def test_a_torn_manifest_is_reported_refused_and_repaired_by_resume(ds, clean, inspect):
+    data = ds.manifest.read_bytes()
+    whole = read_manifest(ds.manifest)
+    ds.manifest.write_bytes(data[: len(data) - len(data.splitlines()[-1]) // 2 - 1])  # cut the last line in half
+
+    rc, err = inspect(ds)
+    assert rc == 1 and "manifest.jsonl: the last line is torn" in err
+    with pytest.raises(TornManifestError, match="manifest.jsonl"):
+        Catalog.load(ds.root)
+
+    _ingest(clean / "src", ds.root, resume=True)
+    assert read_manifest(ds.manifest, torn_tail="refuse") == whole
+    assert inspect(ds) == (0, "")
+
+
+def test_a_valid_last_line_without_newline_is_torn_for_the_ingest_too(tmp_path):
+    """The appender cuts such a line off; a reader that kept it would make the ingest forget the item."""
+    path = tmp_path / "manifest.jsonl"
+    path.write_text('{"source": "a.nii", "status": "skipped", "reason": "x"}\n{"source": "b.nii", "status": "skipped", "reason": "y"}')
+    assert [r.source for r in read_manifest(path)] == ["a.nii"]
+    with pytest.raises(TornManifestError):
+        read_manifest(path, torn_tail="refuse")
+
+
+@pytest.mark.parametrize("field,value", [("volume_id", "../../etc"), ("volume_id", "v" + "0" * 18 + "/"),
+                                         ("duplicate_of", "../x"), ("shape", [24, 36]), ("spacing", [1.0, float("nan"), 1.0])])
+def test_planted_manifest_values_are_refused(ds, field, value, inspect):
+    lines = ds.manifest.read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec[field] = value
+    lines[0] = json.dumps(rec)
+    ds.manifest.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"manifest.jsonl:1: invalid manifest record"):
+        Catalog.load(ds.root)
+    rc, err = inspect(ds)
+    assert rc == 1 and "manifest.jsonl:1: invalid manifest record" in err
+
+
+@pytest.mark.parametrize("attr,value,cause", [
+    ("spacing", [1.0, 0.0, 1.0], "spacing must be 3 finite positive"),
+    ("spacing", ["1", 1, 1], "spacing must be 3 finite positive"),
+    ("direction", [[1, 0, 0], [0, 1, 0]], "direction"),
+    ("modality", "PET", "modality"),
+    ("foreground", {"block": 16, "shape": [-1, 2, 2], "zlib_b64": ""}, "foreground shape"),
+    ("checksums", {"algorithm": "sha256", "files": {"../../../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}}, "not a chunk key"),
+    ("checksums", None, "no checksums recorded"),
+])
+def test_untrusted_array_attributes_are_checked_before_use(ds, attr, value, cause, inspect):
+    vid, array = _first_volume(ds)
+    meta = json.loads((array / "zarr.json").read_text())
+    if value is None:
+        del meta["attributes"][attr]
+    else:
+        meta["attributes"][attr] = value
+    (array / "zarr.json").write_text(json.dumps(meta))
+    where = f"volumes.zarr/{vid}/zarr.json"
+    with pytest.raises(VolumeError, match=f"{where}: .*{cause}"):
+        VolumeReader(array)
+    with pytest.raises(VolumeError, match=where):
+        volume_store(ds).read(vid)
+    rc, err = inspect(ds, quick=True)
+    assert rc == 1 and cause in err
+
+
+def test_arrays_without_checksum_codec_are_refused(ds):
+    """A volume written before checksums (format 1): the message says how to fix it."""
+    vid, array = _first_volume(ds)
+    meta = json.loads((array / "zarr.json").read_text())
+    meta["codecs"][0]["configuration"]["codecs"].pop()  # no crc32c
+    (array / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(VolumeError, match="no crc32c checksum .*re-ingest"):
+        VolumeReader(array)
+
+
+def test_planted_arrays_and_files_are_reported(ds, inspect):
+    vid, array = _first_volume(ds)
+    (array / "c" / "9").mkdir()
+    (array / "c" / "9" / "0").write_bytes(b"extra")
+    shutil.copytree(array, ds.volumes / "evil")
+    rc, err = inspect(ds, quick=True)
+    assert rc == 1
+    assert f"volumes.zarr/{vid}/c/9/0: not listed in the array's checksums" in err
+    assert "volumes.zarr/evil: not a volume id" in err
