@@ -3,32 +3,68 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
-from ingest import partitions
+from ingest import options, partitions
 from ingest.deid import SecretError
-from ingest.discover import SourceError
+from ingest.discover import SourceError, root_names
 from ingest.runner import IngestConfig, OutputError, run_ingest
 from medssl_scale.io import Limits
 
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
 
 
+# Types refuse what cannot be parsed; the rules between options live in ingest.options, which
+# run_ingest applies too. Either way a bad value exits 2 before the dataset directory is touched.
+
+
 def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)i?b?\s*", text.lower())
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MB, 1GB)")
-    return int(float(m.group(1)) * 1000 ** " kmgt".index(m.group(2) or " "))
+    size = int(float(m.group(1)) * 1000 ** " kmgt".index(m.group(2) or " "))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1 byte")
+    return size
 
 
 def _spacing(text: str) -> tuple[float, float, float]:
-    parts = [float(p) for p in text.split(",")]
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not numbers: {text!r} (X,Y,Z in mm, or one value)") from None
     if len(parts) == 1:
         parts *= 3
-    if len(parts) != 3 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"--spacing takes X,Y,Z in mm (or one value), all > 0: {text!r}")
-    return tuple(parts)  # type: ignore[return-value]
+    try:
+        return options.spacing(tuple(parts))
+    except options.OptionError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--spacing ")) from None
+
+
+def _whole(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {low}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, a finite number >= 0")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,19 +76,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("sources", nargs="*", type=Path, metavar="SRC", help="files or folders, searched recursively")
     p.add_argument("--out", required=True, type=Path, metavar="DATASET", help="dataset directory (created or extended)")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--workers", type=_whole(1), default=1, help="parallel worker processes (default 1)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted ingest of this dataset")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input failed")
     p.add_argument("--spacing", type=_spacing, metavar="X,Y,Z", help="resample to this voxel spacing in mm")
     p.add_argument("--modality", action="append", default=[], metavar="[PATTERN=]CT|MR",
                    help="override the modality for sources matching PATTERN (a source prefix or glob), or for all")
-    p.add_argument("--max-voxels", type=int, default=Limits().max_voxels, help="refuse volumes whose header declares more voxels")
-    p.add_argument("--chunk", type=int, default=64, help="Zarr chunk edge in voxels (default 64)")
-    p.add_argument("--codec", choices=("lz4", "zstd"), default="lz4",
+    p.add_argument("--max-voxels", type=_whole(1), default=Limits().max_voxels, help="refuse volumes whose header declares more voxels")
+    p.add_argument("--max-worker-memory", type=_size, metavar="SIZE",
+                   help="cap each worker's memory (e.g. 4GB; with --workers 1, the ingest process's): a volume that "
+                        "does not fit fails as 'not enough memory' and the run goes on (default: no cap)")
+    p.add_argument("--chunk", type=_whole(1), default=64, help="Zarr chunk edge in voxels (default 64)")
+    p.add_argument("--codec", choices=options.CODECS, default="lz4",
                    help="Blosc codec of volume chunks: lz4 decodes ~3x faster, zstd stores ~25%% smaller (default lz4)")
-    p.add_argument("--shard-shape", type=int, default=256, help="Zarr shard edge in voxels, 0 for none (default 256)")
+    p.add_argument("--shard-shape", type=_whole(0), default=256,
+                   help="Zarr shard edge in voxels, a multiple of --chunk, 0 for none (default 256)")
     p.add_argument("--shard-size", type=_size, default=_size("1GB"), help="target size of WebDataset shards (default 1GB)")
-    p.add_argument("--shard-codec", choices=("npy", "npy.gz"), default="npy", help="encoding of arrays in shards")
+    p.add_argument("--shard-codec", choices=options.SHARD_CODECS, default="npy", help="encoding of arrays in shards")
     p.add_argument("--secret-file", type=Path, help="site secret for pseudonyms (else $MEDSSL_SITE_SECRET, "
                    "$MEDSSL_SITE_SECRET_FILE or ~/.config/medssl/site-secret)")
     p.add_argument("--follow-symlinks", action="store_true",
@@ -62,14 +102,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="regex on the source path whose first group is the patient id, for formats without one (e.g. 'sub-[^/]+')")
     p.add_argument("--partition", metavar="I/N", help="ingest only partition I of N (by a hash of each input) into "
                    "DATASET/parts/, e.g. one pod of an Indexed Job each; then merge with --finalize N")
-    p.add_argument("--finalize", type=int, metavar="N", help="merge the N parts of a partitioned ingest into DATASET (no SRC)")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="with --finalize: wait this long for parts to complete")
+    p.add_argument("--finalize", type=_whole(1), metavar="N", help="merge the N parts of a partitioned ingest into DATASET (no SRC)")
+    p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS", help="with --finalize: wait this long for parts to complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     err = Console(stderr=True)
     if args.finalize is not None:
@@ -97,6 +138,7 @@ def main(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         modality=args.modality,
         max_voxels=args.max_voxels,
+        max_memory=args.max_worker_memory,
         chunk=args.chunk,
         codec=args.codec,
         shard=args.shard_shape,
@@ -107,6 +149,12 @@ def main(args: argparse.Namespace) -> int:
         follow_symlinks=args.follow_symlinks,
         subject_pattern=args.subject_pattern,
     )
+    try:
+        options.check(cfg)
+        root_names(cfg.sources)  # every SRC exists, no two share a name
+    except (options.OptionError, SourceError) as e:
+        err.print(f"[red]medssl ingest: {escape(str(e))}")  # a pattern's [..] is not markup
+        return EXIT_ERROR
     return execute(cfg, strict=args.strict, show_progress=not args.no_progress)
 
 
@@ -121,6 +169,8 @@ def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True)
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+
+    from rich.markup import escape
 
     from medssl_scale.store.summary import render
 
@@ -137,8 +187,8 @@ def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True)
     try:
         with bar:
             summary, _ = run_ingest(cfg, progress)
-    except (OutputError, SourceError, SecretError) as e:
-        err.print(f"[red]medssl ingest: {e}")
+    except (OutputError, SourceError, SecretError, options.OptionError) as e:
+        err.print(f"[red]medssl ingest: {escape(str(e))}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         err.print(f"[yellow]medssl ingest: interrupted; rerun the same command with --resume to finish {cfg.out}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+
+import pydantic
 
 T = TypeVar("T")
 
@@ -37,7 +40,9 @@ class Registry(Generic[T]):
         """Raise ValueError if ``build(name, **config)`` would be refused for its settings, without building anything.
 
         A maker with a pydantic ``Config`` validates through it; any other is
-        checked against its signature (names only).
+        checked against its signature: names, and values against the annotated
+        types (finite numbers, Literal choices), so a config cannot hand a
+        network a string or a NaN where it takes a number.
         """
         if name not in self._makers:
             raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
@@ -50,6 +55,21 @@ class Registry(Generic[T]):
             inspect.signature(maker).bind(**config)
         except TypeError as e:
             raise ValueError(f"{self.kind} {name}: {e}") from None
+        _signature_model(maker).model_validate(config)
 
     def names(self) -> list[str]:
         return sorted(self._makers)
+
+
+def _signature_model(maker: Callable[..., Any]) -> type[pydantic.BaseModel]:
+    """A pydantic model of ``maker``'s annotated keyword arguments (unannotated ones take anything)."""
+    target = maker.__init__ if inspect.isclass(maker) else maker
+    hints = typing.get_type_hints(target)
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(maker).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = ... if p.default is p.empty else p.default
+        fields[p.name] = (hints.get(p.name, Any), default)
+    config = pydantic.ConfigDict(extra="allow", allow_inf_nan=False, arbitrary_types_allowed=True)
+    return pydantic.create_model(f"{getattr(maker, '__name__', 'maker')}Settings", __config__=config, **fields)

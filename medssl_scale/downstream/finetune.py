@@ -29,7 +29,7 @@ from medssl_scale.downstream.split import Split, split_by_patient
 
 
 class FinetuneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # finite floats only
 
     dataset: str
     encoder: str | None = None  # models:/NAME@ALIAS, models:/NAME/VERSION or a directory

@@ -13,7 +13,7 @@ from medssl_scale.models import MODELS, build_model
 class ObjectiveConfig(BaseModel):
     """Subclasses declare ``model`` (a dict with a ``name``), ``DEFAULT_MODEL`` and, if restricted, ``MODELS_ALLOWED``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # finite floats only
     DEFAULT_MODEL: ClassVar[str]
     MODELS_ALLOWED: ClassVar[tuple[str, ...] | None] = None  # None: any registered network
 

@@ -10,8 +10,9 @@ saved with the run.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,7 +29,13 @@ from medssl_scale.data.config import DataConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float of every section is finite (a NaN compares false with every bound)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
+Count = Annotated[int, Field(ge=1)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")]  # one path component, never "..", "/" or hidden
 
 
 class OptimConfig(_Strict):
@@ -36,7 +43,7 @@ class OptimConfig(_Strict):
     lr: float = Field(1e-4, gt=0)  # peak, after warm-up (DAE: 1e-4)
     min_lr: float = Field(1e-5, ge=0)  # the end of the cosine
     weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     momentum: float = Field(0.9, ge=0)  # sgd
     warmup_steps: int = Field(0, ge=0)
     clip_grad: float = Field(1.0, ge=0)  # 0: no clipping
@@ -56,12 +63,70 @@ class DeepSpeedConfig(_Strict):
     # How long a collective may wait before the process group gives up: a dead peer then ends the run (and a
     # Kubernetes Job restarts it from the last checkpoint) instead of hanging. DeepSpeed's default is 30 min.
     timeout_s: int = Field(1800, ge=10)
-    extra: dict[str, Any] = Field(default_factory=dict)  # merged into the DeepSpeed config as is
+    # Merged into the DeepSpeed config: only the settings of :class:`DeepSpeedExtra`. DeepSpeed imports some of
+    # its settings as dotted paths (torch_autocast's module list) and writes files where others say (monitors,
+    # NVMe offload, profiler output), so free keys would let a config run code or write anywhere.
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("extra")
+    @classmethod
+    def _allowed_extra(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return DeepSpeedExtra.model_validate(v).model_dump(exclude_unset=True)
+
+
+class _Offload(_Strict):
+    device: Literal["cpu", "none"] = "none"
+    pin_memory: bool = False
+    ratio: float = Field(1.0, gt=0, le=1)
+
+
+class _Zero(_Strict):
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    allgather_partitions: bool = True
+    round_robin_gradients: bool = False
+    reduce_bucket_size: Count = 500_000_000
+    allgather_bucket_size: Count = 500_000_000
+    sub_group_size: Count = 1_000_000_000
+    stage3_prefetch_bucket_size: Count = 50_000_000
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
+    stage3_max_live_parameters: Count = 1_000_000_000
+    stage3_max_reuse_distance: Count = 1_000_000_000
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    offload_optimizer: _Offload | None = None
+    offload_param: _Offload | None = None
+
+
+class _ActivationCheckpointing(_Strict):
+    partition_activations: bool = False
+    cpu_checkpointing: bool = False
+    contiguous_memory_optimization: bool = False
+    number_checkpoints: Count | None = None
+    synchronize_checkpoint_boundary: bool = False
+
+
+class _DataTypes(_Strict):
+    grad_accum_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+
+
+class DeepSpeedExtra(_Strict):
+    """The DeepSpeed settings ``deepspeed.extra`` may hold (numbers, bools, fixed choices; no paths, no imports)."""
+
+    zero_optimization: _Zero | None = None
+    activation_checkpointing: _ActivationCheckpointing | None = None
+    data_types: _DataTypes | None = None
+    communication_data_type: Literal["fp32", "fp16", "bf16"] | None = None
+    prescale_gradients: bool = False
+    gradient_predivide_factor: float = Field(1.0, gt=0)
+    sparse_gradients: bool = False
+    wall_clock_breakdown: bool = False
+    memory_breakdown: bool = False
 
 
 class CheckpointConfig(_Strict):
     every: int = Field(100, ge=1)  # steps
-    keep: int = Field(3, ge=1)  # newest complete checkpoints kept
+    keep: int = Field(3, ge=1, le=1000)  # newest complete checkpoints kept
 
 
 class TrackingConfig(_Strict):
@@ -72,13 +137,13 @@ class TrackingConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = "run"
+    name: Name = "run"
     workdir: str = "runs"  # the run directory is workdir/name
     seed: int = Field(0, ge=0)
     steps: int = Field(1000, ge=1)  # optimizer steps
     kernels: Literal["auto", "reference", "triton"] = "auto"
     data: DataConfig
-    objectives: dict[str, float | dict[str, Any]]
+    objectives: dict[Name, float | dict[str, Any]]
     optim: OptimConfig = OptimConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -91,8 +156,8 @@ class RunConfig(_Strict):
             raise ValueError("name at least one objective, e.g. objectives: {dae: 1.0}")
         for name, spec in v.items():
             weight = spec.get("weight", 1.0) if isinstance(spec, dict) else spec
-            if not isinstance(weight, (int, float)) or weight <= 0:
-                raise ValueError(f"{name}: the weight must be a positive number, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+                raise ValueError(f"{name}: the weight must be a finite positive number, got {weight!r}")
         return v
 
     @model_validator(mode="after")
