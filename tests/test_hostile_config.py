@@ -278,3 +278,19 @@ def _secret(tmp_path: Path) -> Path:
         p.write_text("s" * 64)
         p.chmod(0o600)
     return p
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"lr": float("nan")}, "lr"), ({"label_fraction": float("inf")}, "label_fraction"), ({"crop": 0}, "crop"),
+    ({"normalize": {"ct_window": [1, 1]}}, "normalize.ct_window"),
+    ({"architecture": {"name": "swin_unetr", "feature_size": "medssl_marker_mod.Reader"}}, "architecture"),
+    ({"architecture": {"name": "swin_unetr", "no_such_setting": 1}}, "architecture"),
+])
+def test_finetune_config_refuses_bad_values(settings, key):
+    from pydantic import ValidationError
+
+    from medssl_scale.downstream.finetune import FinetuneConfig
+
+    with pytest.raises(ValidationError) as e:
+        FinetuneConfig(**{"dataset": "unused", "encoder": "models:/x@y", **settings})
+    assert any(".".join(map(str, err["loc"])).startswith(key) for err in e.value.errors()), e.value

@@ -59,6 +59,20 @@ class FinetuneConfig(BaseModel):
 
     _s3 = field_validator("crop", mode="before")(_size3)
 
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Checked on load, names and types (see Registry.check), not when the first model is built.
+        if v is not None:
+            from medssl_scale.models import ENCODERS
+
+            settings = dict(v)
+            name = settings.pop("name", None)
+            if not isinstance(name, str):
+                raise ValueError("architecture needs a name, e.g. {name: swin_unetr, feature_size: 48}")
+            ENCODERS.check(name, **settings)
+        return v
+
     @model_validator(mode="after")
     def _something_to_train(self) -> FinetuneConfig:
         if self.encoder is None and (self.baseline != "scratch" or self.architecture is None):
