@@ -83,7 +83,12 @@ def check_dataset(ds: DatasetDir, verify_checksums: bool = True, records: list[M
     for r in records:
         if r.duplicate_of and r.duplicate_of not in stored:
             problems.append(f"{r.source}: duplicate of {r.duplicate_of}, which is not in volumes.zarr")
-    sharded = [v for s in read_index(ds)["shards"] for v in s["volume_ids"]]
+    try:
+        index = read_index(ds)
+    except ValueError as e:  # an index that does not validate: nothing in it can be trusted
+        problems.append(str(e))
+        index = None
+    sharded = [v for s in (index or {"shards": []})["shards"] for v in s["volume_ids"]]
     if len(sharded) != len(set(sharded)):
         problems.append("a volume appears in more than one shard")
     missing = ok_ids - set(sharded)
@@ -92,11 +97,11 @@ def check_dataset(ds: DatasetDir, verify_checksums: bool = True, records: list[M
     unknown = set(sharded) - ok_ids
     if unknown:
         problems.append(f"{len(unknown)} sharded volume(s) have no ok manifest record, e.g. {sorted(unknown)[0]}")
-    recorded = {s["name"] for s in read_index(ds)["shards"]}
-    for f in sorted(ds.shards.glob("*.tar")) if ds.shards.exists() else []:
+    recorded = {s["name"] for s in (index or {"shards": []})["shards"]}
+    for f in sorted(ds.shards.glob("*.tar")) if ds.shards.exists() and index is not None else []:
         if f.name not in recorded:
             problems.append(f"shards/{f.name} is not in shards/index.json")
-    if verify_checksums:
+    if verify_checksums and index is not None:
         problems += verify_shards(ds)
     for leftover in (ds.tmp, ds.pending, ds.lock):
         if leftover.exists():

@@ -210,3 +210,9 @@ def test_planted_arrays_and_files_are_reported(ds, inspect):
     assert rc == 1
     assert f"volumes.zarr/{vid}/c/9/0: not listed in the array's checksums" in err
     assert "volumes.zarr/evil: not a volume id" in err
+
+
+def test_an_invalid_shard_index_is_a_problem_not_a_crash(ds, inspect):
+    ds.shard_index.write_text('{"format": "medssl-shards/1", "samples": 1, "shards": [{"name": "../../x.tar"}]}')
+    rc, err = inspect(ds, quick=True)
+    assert rc == 1 and "shards/index.json" in err

@@ -35,7 +35,10 @@ def summarize(ds: DatasetDir, records: list[ManifestRecord] | None = None) -> di
     by_modality: dict[str, dict[str, int]] = {}
     for r in images:
         by_modality.setdefault(r.modality or "unknown", Counter())[r.status] += 1
-    index = read_index(ds)
+    try:
+        index = read_index(ds)
+    except ValueError:  # an invalid index counts as none here; inspect reports it
+        index = {"shards": [], "samples": 0}
     reasons = Counter(_reason_kind(r.reason or "") for r in records if r.status == "skipped")
     return {
         "items": len(records),
