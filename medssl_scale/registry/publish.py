@@ -41,8 +41,8 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
     """Register the encoder of finished run ``run_id`` as a new version of ``name``; returns the ModelVersion."""
     import mlflow
     import torch
-    import yaml
 
+    from medssl_scale.config import load_yaml  # bounded: a run's config.yaml comes back from the tracking server
     from medssl_scale.objectives.compose import build_run_objective
     from medssl_scale.train.checkpoint import fp32_state_dict
     from medssl_scale.train.config import RunConfig
@@ -58,7 +58,7 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
         tmp = Path(tmp)
         config = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=str(tmp / "cfg"),
                                                           tracking_uri=c.tracking_uri))
-        cfg = RunConfig.model_validate(yaml.safe_load(config.read_text()))
+        cfg = RunConfig.model_validate(load_yaml(config))
         ckpt = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ckpt_path, dst_path=str(tmp / "ckpt"),
                                                         tracking_uri=c.tracking_uri))
         specs = cfg.objective_settings()
