@@ -161,3 +161,89 @@ def test_input_channel_adaptation_keeps_the_response():
     with torch.no_grad():
         for a, b in zip(enc(x), fresh(x.repeat(1, 3, 1, 1, 1))):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _rehash(d: Path) -> None:
+    (d / fmt.HASHES).write_text(json.dumps({n: fmt.sha256(d / n) for n in fmt.FILES}))
+
+
+@pytest.mark.parametrize("doc, why", [
+    (b"{\"format\": ", "encoder.json is not valid JSON"),
+    (b"[1, 2]", "encoder.json must hold a JSON object, found list"),
+    (b"{\"format\": \"medssl-encoder/1\"}", "encoder.json does not match its schema: architecture: Field required"),
+    (None, "encoder.json does not match its schema: extra: Extra inputs are not permitted"),
+    (b"{\"format\": \"medssl-encoder/1\", \"architecture\": {\"name\": \"conv_ae\"}, \"feature_channels\": \"8\", "
+     b"\"feature_strides\": []}", "encoder.json does not match its schema: feature_channels: Input should be a valid list"),
+    (b" " * (2 << 20), "encoder.json is 2,097,152 bytes, over the 1,048,576"),
+])
+def test_malformed_encoder_json_is_refused_naming_the_file(tmp_path, doc, why):
+    enc = build_encoder("conv_ae", channels=[4, 8])
+    d = tmp_path / "enc"
+    fmt.write(enc, d)
+    if doc is None:  # a well-formed document with one field too many
+        doc = json.dumps({**json.loads((d / fmt.ARCH).read_text()), "extra": 1}).encode()
+    (d / fmt.ARCH).write_bytes(doc)
+    _rehash(d)
+    with pytest.raises(fmt.RegistryFormatError) as e:
+        load_encoder(d)
+    assert str(e.value).startswith(f"{d}: {why}"), str(e.value)
+
+
+@pytest.mark.parametrize("doc, why", [
+    (b"not json", "sha256.json is not valid JSON"),
+    (b"\"abc\"", "sha256.json must hold a JSON object, found str"),
+    (b"{\"encoder.json\": 5}", "sha256.json does not match its schema: encoder.safetensors: Field required; encoder.json: Input should be a valid string"),
+    (None, "sha256.json does not match its schema: model.pkl: Extra inputs are not permitted"),
+    (b"{" + b" " * (2 << 20) + b"}", "sha256.json is 2,097,154 bytes, over the 1,048,576"),
+])
+def test_malformed_sha256_json_is_refused_naming_the_file(tmp_path, doc, why):
+    d = tmp_path / "enc"
+    fmt.write(build_encoder("conv_ae", channels=[4, 8]), d)
+    if doc is None:
+        doc = json.dumps({**json.loads((d / fmt.HASHES).read_text()), "model.pkl": "0" * 64}).encode()
+    (d / fmt.HASHES).write_bytes(doc)
+    with pytest.raises(fmt.RegistryFormatError) as e:
+        load_encoder(d)
+    assert str(e.value).startswith(f"{d}: {why}"), str(e.value)
+
+
+def test_weights_are_checked_against_the_declared_architecture_before_building(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "enc"
+    fmt.write(build_encoder("conv_ae", channels=[4, 8]), d)
+    # The declared architecture says 8 -> 16 channels; the weights are of 4 -> 8: shapes named.
+    arch = json.loads((d / fmt.ARCH).read_text())
+    arch["architecture"]["channels"] = [8, 16]
+    (d / fmt.ARCH).write_text(json.dumps(arch))
+    _rehash(d)
+    with pytest.raises(EncoderLoadError, match=r"do not fit the architecture in encoder.json\n  shape mismatches \(6\): "
+                                               r"encoder.0.0.bias: saved \(8,\), model \(16,\)"):
+        load_encoder(d)
+    # Same shapes, another dtype (fp16 where fp32 was published).
+    fmt.write(build_encoder("conv_ae", channels=[4, 8]), d)
+    state = {k: v.half() for k, v in load_file(str(d / fmt.WEIGHTS)).items()}
+    save_file(state, str(d / fmt.WEIGHTS))
+    _rehash(d)
+    with pytest.raises(EncoderLoadError, match=r"dtype mismatches \(6\): encoder.0.0.bias: saved F16, model F32"):
+        load_encoder(d)
+    # A header that lies about its length.
+    (d / fmt.WEIGHTS).write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    _rehash(d)
+    with pytest.raises(fmt.RegistryFormatError, match="encoder.safetensors is not a safetensors file: its header claims"):
+        load_encoder(d)
+
+
+def test_a_huge_declared_network_is_refused_without_allocating(tmp_path):
+    import resource
+
+    d = tmp_path / "enc"
+    fmt.write(build_encoder("conv_ae", channels=[4, 8]), d)
+    arch = json.loads((d / fmt.ARCH).read_text())
+    arch["architecture"]["channels"] = [100_000, 200_000]  # ~5.4e11 parameters: 2 TB of fp32
+    (d / fmt.ARCH).write_text(json.dumps(arch))
+    _rehash(d)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(EncoderLoadError, match="declares a conv_ae too large to load"):
+        load_encoder(d)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing of the declared size

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch.nn as nn
 
 from medssl_scale.registry import format as fmt
-from medssl_scale.registry.format import EncoderLoadError
+from medssl_scale.registry.errors import EncoderLoadError, RegistryFormatError
 
-__all__ = ["EncoderLoadError", "fetch", "listing", "load_encoder", "publish", "pull"]
+__all__ = ["EncoderLoadError", "RegistryFormatError", "fetch", "listing", "load_encoder", "publish", "pull"]
 
 _MODELS_URI = re.compile(r"models:/(?P<name>[\w.\- ]+)(?:@(?P<alias>[\w\-]+)|/(?P<version>[0-9]+))", re.ASCII)
 
@@ -49,12 +49,7 @@ def fetch(uri: str | Path, tracking_uri: str | None = None) -> tuple[dict[str, b
         directory = Path(text)
         if not directory.is_dir():
             raise EncoderLoadError(f"{text}: neither models:/NAME@ALIAS, models:/NAME/VERSION nor a directory")
-        hashes_file = directory / fmt.HASHES
-        try:
-            expected = json.loads(hashes_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise EncoderLoadError(f"{directory}: {fmt.HASHES} is missing or unreadable: {e}") from None
-        return fmt.verify(directory, expected, str(directory)), str(directory)
+        return fmt.verify(directory, fmt.read_hashes(directory), str(directory)), str(directory)
 
     m = _MODELS_URI.fullmatch(text)
     if not m:

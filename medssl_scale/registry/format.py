@@ -26,16 +26,30 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medssl_scale.registry import documents, expected
+from medssl_scale.registry.errors import EncoderLoadError, RegistryFormatError
 from medssl_scale.store.layout import atomic_write_text
 
 FORMAT = "medssl-encoder/1"
 WEIGHTS, ARCH, HASHES = "encoder.safetensors", "encoder.json", "sha256.json"
 FILES = (WEIGHTS, ARCH)
+# Read no more than this from a file before its hash is checked (a planted 100 GB file must not fill memory).
+MAX_BYTES = {ARCH: documents.MAX_JSON_BYTES, WEIGHTS: expected.MAX_PARAMETERS * 4 + expected.MAX_HEADER_BYTES}
 log = logging.getLogger(__name__)
 
+__all__ = ["ARCH", "FILES", "FORMAT", "HASHES", "WEIGHTS", "EncoderLoadError", "RegistryFormatError", "read", "read_hashes",
+           "verify", "write"]
 
-class EncoderLoadError(ValueError):
-    """An encoder that cannot be loaded as published: the message names the artifact and what is wrong."""
+
+def read_hashes(directory: Path) -> dict[str, str]:
+    """A directory's ``sha256.json``, checked for size, JSON and schema (RegistryFormatError naming it otherwise)."""
+    path = directory / HASHES
+    try:
+        documents.check_size(path.stat().st_size, HASHES, str(directory))
+        data = path.read_bytes()
+    except OSError as e:
+        raise EncoderLoadError(f"{directory}: {HASHES} is missing or unreadable: {e.strerror or e}") from None
+    return documents.parse(data, documents.HashesDocument, HASHES, str(directory)).by_file()
 
 
 def sha256(path: Path) -> str:
@@ -80,6 +94,7 @@ def verify(directory: Path, expected: dict[str, str], where: str) -> dict[str, b
         path = directory / name
         if not path.is_file():
             raise EncoderLoadError(f"{where}: artifact {name} is missing")
+        documents.check_size(path.stat().st_size, name, where, MAX_BYTES[name])
         blobs[name] = path.read_bytes()
         got = hashlib.sha256(blobs[name]).hexdigest()
         if got != want:
@@ -98,21 +113,25 @@ def read(blobs: dict[str, bytes], where: str, in_channels: int | None = None) ->
 
     from medssl_scale.models import ENCODERS, build_encoder
 
-    try:
-        meta = json.loads(blobs[ARCH])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EncoderLoadError(f"{where}: {ARCH} is not readable JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise EncoderLoadError(f"{where}: {ARCH} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
-    arch = dict(meta["architecture"])
+    meta = documents.parse(blobs[ARCH], documents.EncoderDocument, ARCH, where)
+    if meta.format != FORMAT:
+        raise RegistryFormatError(f"{where}: {ARCH} has format {meta.format[:100]!r}; this version reads {FORMAT!r}")
+    arch = dict(meta.architecture)
     name = arch.pop("name", None)
     if name not in ENCODERS.names():
-        raise EncoderLoadError(f"{where}: unknown architecture {name!r} in {ARCH}; known: {', '.join(ENCODERS.names())}")
+        raise RegistryFormatError(f"{where}: unknown architecture {str(name)[:100]!r} in {ARCH}; known: {', '.join(ENCODERS.names())}")
+    # The declared network's tensors against the weights' header, before either is allocated.
+    declared = expected.declared_state(name, arch, where, ARCH)
+    problems = expected.mismatches(declared, expected.header(blobs[WEIGHTS], WEIGHTS, where))
+    if problems:
+        raise EncoderLoadError(f"{where}: the weights in {WEIGHTS} do not fit the architecture in {ARCH}" + problems)
     try:
         state = load(blobs[WEIGHTS])
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise EncoderLoadError(f"{where}: {WEIGHTS} is not a readable safetensors file: {e}") from None
-    saved_in = int(arch.get("in_channels", 1))
+    saved_in = arch.get("in_channels", 1)
+    if in_channels is not None and not 1 <= in_channels <= 1024:
+        raise EncoderLoadError(f"{where}: in_channels={in_channels} is out of range (1-1024)")
     if in_channels is not None and in_channels != saved_in:
         arch["in_channels"] = in_channels
     encoder = build_encoder(name, **arch)
