@@ -165,7 +165,7 @@ def _scaled(raw: np.ndarray, slope: float, inter: float) -> tuple[np.ndarray, bo
         for dt in (np.int16, np.int32):
             info = np.iinfo(dt)
             if info.min <= min(bounds) and max(bounds) <= info.max:
-                out = raw.astype(dt)
+                out = raw if raw.dtype == dt and raw.flags.writeable else raw.astype(dt)  # ours: scale in place
                 if slope != 1.0:
                     out *= dt(slope)
                 out += dt(inter)
@@ -176,10 +176,30 @@ def _scaled(raw: np.ndarray, slope: float, inter: float) -> tuple[np.ndarray, bo
     return out, True
 
 
+def _decompressed(proxy: ArrayProxy) -> np.ndarray:
+    """The voxels of a compressed file, decoded piece by piece into one array.
+
+    Python's gzip/bz2 ``readinto`` builds the whole decompressed payload as a
+    bytes object first and then copies it: twice the volume at the peak.
+    """
+    arr = np.empty(proxy.shape, dtype=proxy.dtype, order=proxy.order)
+    flat = memoryview(arr.T if proxy.order == "F" else arr).cast("B")  # the transpose of an F array is C-contiguous
+    with ImageOpener(proxy.file_like) as f:
+        f.seek(proxy.offset)
+        pos = 0
+        while pos < len(flat):
+            n = f.readinto(flat[pos:pos + (8 << 20)])
+            if not n:
+                raise OSError(f"Expected {len(flat)} bytes, got {pos} bytes")  # _read_error's wording for short data
+            pos += n
+    return arr
+
+
 def _read_voxels(img, disk_dtype: np.dtype) -> tuple[np.ndarray, bool]:
     proxy = img.dataobj
     if isinstance(proxy, ArrayProxy) and getattr(proxy, "scaling", None) is None:
-        raw = _native_copy(np.asarray(proxy.get_unscaled()))
+        compressed = isinstance(proxy.file_like, str) and proxy.file_like.lower().endswith(_COMPRESSED)
+        raw = _native_copy(_decompressed(proxy) if compressed else np.asarray(proxy.get_unscaled()))
         return _scaled(raw, float(proxy.slope), float(proxy.inter))
     # MINC, PAR/REC, scaled AFNI: nibabel applies per-slice/per-brick scaling itself.
     arr = np.asanyarray(proxy)
