@@ -77,6 +77,7 @@ def render(summary: dict[str, Any], title: str = "dataset") -> Any:
     """A rich renderable: counts by status and modality, sizes, throughput, failures."""
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title=title, show_lines=False)
     t.add_column("modality")
@@ -108,7 +109,7 @@ def render(summary: dict[str, Any], title: str = "dataset") -> Any:
         f.add_column("source", overflow="fold")
         f.add_column("reason", overflow="fold")
         for r in summary["failed"]:
-            f.add_row(r["source"], r["reason"] or "")
+            f.add_row(Text(r["source"]), Text(r["reason"] or ""))  # a name like "[red]x" is not markup
         parts.append(f)
     if summary["skipped_reasons"]:
         s = Table(title="skipped, by reason", title_justify="left")
