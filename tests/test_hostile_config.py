@@ -218,7 +218,7 @@ BAD_OPTIONS = [
     (["--shard-size", "0"], "--shard-size"), (["--shard-size", "1.2.3GB"], "--shard-size"),
     (["--codec", "gzip"], "--codec"), (["--shard-codec", "pickle"], "--shard-codec"),
     (["--partition", "3/2"], "--partition"), (["--partition", "0/100000"], "--partition"),
-    (["--modality", "PET"], "--modality"),
+    (["--modality", "PET"], "--modality"), (["--max-worker-memory", "0"], "--max-worker-memory"),
 ]
 
 
