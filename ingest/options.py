@@ -31,7 +31,7 @@ def check(cfg: IngestConfig) -> None:
     """Raise :class:`OptionError` naming the first bad setting of ``cfg``."""
     _int("--workers", cfg.workers, 1, MAX_WORKERS)
     _int("--max-voxels", cfg.max_voxels, 1)
-    if getattr(cfg, "max_memory", None) is not None:
+    if cfg.max_memory is not None:
         _int("--max-worker-memory", cfg.max_memory, 1)
     _int("--chunk", cfg.chunk, 1, MAX_CHUNK)
     _int("--shard-shape", cfg.shard, 0)
