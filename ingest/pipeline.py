@@ -23,8 +23,8 @@ import numpy as np
 from ingest.deid import Pseudonymizer, scrub
 from ingest.discover import Item
 from medssl_scale.io import FailedInput, InputError, Limits, RawVolume, dicom, files
-from medssl_scale.io.types import not_enough_memory
 from medssl_scale.io.canonical import geometry, resample, resampled_shape, to_canonical
+from medssl_scale.io.types import not_enough_memory
 from medssl_scale.io.modality import infer_modality
 from medssl_scale.store import foreground
 from medssl_scale.store.layout import DatasetDir
