@@ -166,7 +166,7 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
             else:
                 item.label_path = label
                 item.label_source = label_name
-                item.classes = _class_names(Path(label).parent)
+                item.classes = _class_names(Path(label).parent, root_of[label])
         found.items.append(item)
     for path, (name, _fmt) in sorted(labels.items()):
         found.problems.append(Problem(name, "skipped", "label map without a matching image", kind="label"))
@@ -302,13 +302,18 @@ def _split_ext(name: str) -> tuple[str, str]:
     return stem, ext
 
 
-def _class_names(label_dir: Path) -> dict[str, str] | None:
-    """Class names from a labels.json in the label folder or an MSD/nnU-Net dataset.json beside it."""
+MAX_DESCRIPTION_BYTES = 1 << 20
+
+
+def _class_names(label_dir: Path, area: SourceRoot) -> dict[str, str] | None:
+    """Class names from a labels.json in the label folder or an MSD/nnU-Net dataset.json beside it
+    (only one inside the source folder: its names go into the dataset)."""
     for cand in (label_dir / "labels.json", label_dir.parent / "dataset.json", label_dir / "dataset.json"):
-        if not cand.is_file():
+        if not os.path.lexists(cand) or area.refusal(cand) is not None:
             continue
         try:
-            data = json.loads(cand.read_text())
+            with open(cand, "rb") as f:
+                data = json.loads(f.read(MAX_DESCRIPTION_BYTES + 1)[:MAX_DESCRIPTION_BYTES])
         except (OSError, ValueError):
             continue
         mapping = data.get("labels", data) if isinstance(data, dict) else None

@@ -63,8 +63,8 @@ def _good(path: Path, seed: int = 1) -> None:
     nib.save(nib.Nifti1Image(p.image, p.affine), path)
 
 
-def _ingest(*args: str) -> None:
-    run_cli("ingest", *args, "--no-progress", timeout=TIMEOUT)
+def _ingest(*args: str):
+    return run_cli("ingest", *args, "--no-progress", timeout=TIMEOUT)
 
 
 def _records(out: Path) -> dict:
@@ -245,9 +245,12 @@ def test_a_newline_in_a_name_cannot_forge_a_log_line(tmp_path):
     src.mkdir()
     forged = "2030-01-01T00:00:00+00:00 ok image forged.nii.gz"
     (src / f"bad\n{forged}\r.nii.gz").write_bytes(b"not a nifti" * 50)
+    (src / "x[").mkdir()
+    (src / "x[" / "]y.nii.gz").write_bytes(b"junk")  # "src/x[/]y": a closing tag to Rich markup
     out = tmp_path / "ds"
-    _ingest(str(src), "--out", str(out))
-    (rec,) = _records(out).values()
+    res = _ingest(str(src), "--out", str(out))
+    assert "src/x[/]y.nii.gz" in res.stdout
+    rec = _records(out)[record_name(f"src/bad\n{forged}\r.nii.gz")]
     assert rec.status == "failed" and name_bytes(rec.source) == f"src/bad\n{forged}\r.nii.gz".encode()
     log = b"".join(f.read_bytes() for f in (out / "logs").iterdir())
     lines = log.decode("utf-8").split("\n")[:-1]
@@ -255,3 +258,20 @@ def test_a_newline_in_a_name_cannot_forge_a_log_line(tmp_path):
     assert not any(line.startswith("2030") for line in lines) and b"\r" not in log
     assert any("bad\\x0a2030" in line for line in lines)
     assert json.loads(DatasetDir(out).manifest.read_text().splitlines()[0])["source"] == rec.source
+
+
+def test_class_names_come_only_from_inside_the_source(tmp_path):
+    word = "leak" + secrets.token_hex(8)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": word}}))
+    src = tmp_path / "src"
+    (src / "imagesTr").mkdir(parents=True)
+    (src / "labelsTr").mkdir()
+    p = ct_phantom(shape=SHAPE, seed=4)
+    nib.save(nib.Nifti1Image(p.image, p.affine), src / "imagesTr" / "ct_000_0000.nii.gz")
+    nib.save(nib.Nifti1Image(p.label, p.affine), src / "labelsTr" / "ct_000.nii.gz")
+    (src / "dataset.json").symlink_to(tmp_path / "elsewhere" / "dataset.json")
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out))
+    assert _records(out)["src/imagesTr/ct_000_0000.nii.gz"].has_label
+    assert not [f for f in out.rglob("*") if f.is_file() and word.encode() in f.read_bytes()]
