@@ -160,3 +160,34 @@ def test_workers_do_not_outlive_a_killed_ingest(collection, tmp_path):
     for w in alive:  # do not leave them behind if the test fails
         os.kill(w, signal.SIGKILL)
     assert alive == []
+
+
+@pytest.mark.parametrize("left", ["empty", "empty-and-its-draft"])
+def test_a_lock_file_left_empty_means_interrupted(tmp_path, left):
+    """A writer killed right after its lock file appeared (before any note): a plain rerun still asks for --resume."""
+    src = phantom_collection(tmp_path / "src", n_ct=1, n_mr=0, shape=(16, 16, 8))
+    ds = DatasetDir(tmp_path / "ds")
+    ds.root.mkdir()
+    ds.lock.write_bytes(b"")
+    if left == "empty-and-its-draft":  # killed between linking the lock file and removing its draft name
+        os.link(ds.lock, ds.root / f".{ds.lock.name}.abc123.tmp")
+    res = run_cli("ingest", str(src), "--out", str(ds.root), "--no-progress", check=False)
+    assert res.returncode == 2 and "--resume" in res.stderr
+    run_cli("ingest", str(src), "--out", str(ds.root), "--no-progress", "--resume")
+    assert _leftovers(ds) == [] and check_dataset(ds) == []
+
+
+def test_a_live_writer_lock_is_never_taken_over(tmp_path):
+    from medssl_scale.store.layout import LockedError, WriterLock
+
+    path = tmp_path / ".ingest-running"
+    first = WriterLock(path).acquire()
+    assert not first.interrupted and path.read_bytes().strip()
+    with pytest.raises(LockedError, match="another ingest"):
+        WriterLock(path).acquire()
+    first.release(finished=True)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    again = WriterLock(path).acquire()
+    assert not again.interrupted
+    again.release(finished=False)
+    assert WriterLock(path).acquire().interrupted

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,62 @@ def check_volume_id(value: object, where: str) -> str:
     if not isinstance(value, str) or not VOLUME_ID.fullmatch(value):
         raise ValueError(f"{where}: {value!r} is not a volume id (v + 19 hex digits)")
     return value
+
+
+# A sha256 digest as the store records it (chunk files, shards, registry weights): 64 lowercase hex digits.
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class UnsafeFileError(OSError):
+    """A dataset file that is a link or not a regular file (a FIFO would block a reader forever)."""
+
+
+def open_dataset_file(path: Path, below: Path | None = None) -> int:
+    """A read-only descriptor of the regular file ``path``, never through a link, never blocking on a FIFO.
+
+    ``below``: a folder above ``path``; every component between them is opened without following
+    links too (the store writes no links inside a dataset, so any there was planted).
+    FileNotFoundError passes through; a link or a special file is :class:`UnsafeFileError` naming ``path``.
+    """
+    path = Path(path)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    parts = path.relative_to(below).parts if below is not None else (str(path),)
+    dir_fd = os.open(below, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if below is not None else None
+    try:
+        for part in parts[:-1]:
+            try:
+                nxt = os.open(part, flags | os.O_DIRECTORY, dir_fd=dir_fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeFileError(f"{path}: {part!r} on its way is a link or not a folder (refused)") from None
+                raise
+            os.close(dir_fd)  # type: ignore[arg-type]
+            dir_fd = nxt
+        try:
+            fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeFileError(f"{path}: a symlink (a dataset holds none; refused)") from None
+            raise
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeFileError(f"{path}: not a regular file ({'a FIFO' if stat.S_ISFIFO(mode) else 'a folder or device'}; refused)")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def read_dataset_file(path: Path, limit: int, below: Path | None = None) -> bytes:
+    """The bytes of a dataset file opened by :func:`open_dataset_file`; ValueError if it holds more than ``limit``."""
+    fd = open_dataset_file(path, below)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes")
+    return data
 
 
 # What ShardWriter names a shard. Names read from shards/index.json end up in paths and in
@@ -120,8 +178,12 @@ class LockedError(RuntimeError):
 class WriterLock:
     """One writer per dataset: an flock held for the run, on a file that outlives a killed run.
 
-    ``interrupted`` tells whether the previous writer died without finishing
-    (the file was there, unlocked, with its owner's note in it).
+    ``interrupted`` tells whether the previous writer died without finishing:
+    the file was there before this writer, unlocked, whatever its content. A
+    new lock file appears only already locked and holding its owner's note
+    (made under a temporary name, locked, then hard-linked into place), so a
+    writer killed at any moment leaves a file a later run reads as
+    interrupted, and a live writer's file is never seen unlocked.
     """
 
     def __init__(self, path: Path):
@@ -131,12 +193,17 @@ class WriterLock:
 
     def acquire(self) -> WriterLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise LockedError(f"another ingest is writing {self.path.parent}") from None
+            fd, fresh = self._create_locked()
+            if fd < 0:
+                try:
+                    fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:
+                    continue  # its writer finished just now: try to create it again
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise LockedError(f"another ingest is writing {self.path.parent}") from None
             try:  # the file we locked may have been unlinked by a writer finishing just now
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -144,11 +211,56 @@ class WriterLock:
             if same:
                 break
             os.close(fd)
-        self.interrupted = bool(os.read(fd, 4096).strip())
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode(), 0)
+        self.interrupted = not fresh
+        if not fresh:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._note(), 0)
         self._fd = fd
+        self._remove_stale_drafts()
         return self
+
+    def _note(self) -> bytes:
+        return json.dumps({"pid": os.getpid()}).encode()
+
+    def _drafts(self) -> list[Path]:
+        return list(self.path.parent.glob(f".{self.path.name}.*.tmp"))
+
+    def _create_locked(self) -> tuple[int, bool]:
+        """(fd, True): the lock file was made by us, locked and with our note, before its name existed; (-1, False): it exists."""
+        fd, draft = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            os.fchmod(fd, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # our own new file: nobody else can hold it
+            os.pwrite(fd, self._note(), 0)
+            os.link(draft, self.path)
+        except FileExistsError:
+            os.close(fd)
+            return -1, False
+        except FileNotFoundError:  # another writer took our draft for a stale one: start again
+            os.close(fd)
+            return -1, False
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            Path(draft).unlink(missing_ok=True)
+        return fd, True
+
+    def _remove_stale_drafts(self) -> None:
+        """Drafts a killed writer left between making and linking its lock file (a live one holds its draft locked)."""
+        for draft in self._drafts():
+            try:
+                fd = os.open(draft, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if os.fstat(fd).st_ino != os.fstat(self._fd).st_ino:  # else: a second name of the file we hold
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                draft.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
 
     def release(self, finished: bool) -> None:
         """``finished``: the run completed, so the marker goes; otherwise it stays for --resume."""
