@@ -131,8 +131,8 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
         if fmt is not None:
             in_label_dir = LABEL_DIR.match(os.path.basename(os.path.dirname(path))) is not None
             (labels if in_label_dir else images)[path] = (name, fmt)
-        elif files.is_companion_suffix(path):
-            companions_seen[path] = name
+        elif files.is_companion_suffix(path) or files.is_sidecar_suffix(path):
+            companions_seen[path] = name  # claimed by its header below, or reported
         elif dicom.looks_like_dicom(path):
             found.dicom_files.append((path, name))
         elif base.lower() in ("dataset.json", "labels.json"):
@@ -171,7 +171,11 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
     for path, (name, _fmt) in sorted(labels.items()):
         found.problems.append(Problem(name, "skipped", "label map without a matching image", kind="label"))
     for path, name in sorted(companions_seen.items()):
-        if path not in claimed:
+        if path in claimed:
+            continue
+        if files.is_sidecar_suffix(path):  # e.g. a MATLAB .mat with no Analyze header beside it
+            found.problems.append(Problem(name, "skipped", "not a medical image (unrecognised file type)"))
+        else:
             found.problems.append(Problem(name, "skipped", "data file without its header file"))
     return found
 

@@ -21,6 +21,7 @@ from sample_data import run_cli
 from ingest.source_names import name_bytes, record_name
 from medssl_scale.io.containment import SourceRoot
 from medssl_scale.io.files import read_image_file
+from medssl_scale.io.nibabel_io import read_nibabel
 from medssl_scale.io.types import FailedInput
 from medssl_scale.store.layout import DatasetDir
 from medssl_scale.store.manifest import latest, read_manifest
@@ -275,3 +276,62 @@ def test_class_names_come_only_from_inside_the_source(tmp_path):
     _ingest(str(src), "--out", str(out))
     assert _records(out)["src/imagesTr/ct_000_0000.nii.gz"].has_label
     assert not [f for f in out.rglob("*") if f.is_file() and word.encode() in f.read_bytes()]
+
+
+def _analyze(path: Path) -> None:
+    """A plain Analyze .hdr/.img pair: nibabel loads it as SPM Analyze and reads a .mat beside it while loading."""
+    nib.save(nib.AnalyzeImage(np.zeros(SHAPE, np.int16), np.eye(4)), path)
+
+
+def test_an_analyze_mat_is_checked_before_nibabel_reads_it(tmp_path):
+    """The SPM .mat is opened inside nib.load: a FIFO there hung ingest, /dev/zero filled memory,
+    a link leaving the folder was read before the file map was checked."""
+    marker = _marker()
+    secret = _plant_secret(tmp_path / "elsewhere", marker)
+    src = tmp_path / "src"
+    src.mkdir()
+    for stem in ("fifo", "zero", "away", "upper"):
+        _analyze(src / f"{stem}.hdr")
+    os.mkfifo(src / "fifo.mat")
+    (src / "zero.mat").symlink_to("/dev/zero")
+    (src / "away.mat").symlink_to(secret)
+    (src / "upper.MAT").symlink_to(secret)  # another case spelling: one file on case-insensitive systems
+    _analyze(src / "plain.hdr")
+    (src / "matlab.mat").write_bytes(b"MATLAB 5.0 MAT-file")  # no header beside it: just some other file
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out))
+    recs = _records(out)
+    assert recs["src/plain.hdr"].status in ("ok", "skipped")  # an all-zero volume is fine either way
+    assert "pipe" in recs["src/fifo.hdr"].reason and recs["src/fifo.hdr"].status == "failed"
+    assert re.search("device|/dev", recs["src/zero.hdr"].reason) and recs["src/zero.hdr"].status == "failed"
+    for stem in ("away", "upper"):
+        assert recs[f"src/{stem}.hdr"].status == "failed" and "outside the source folder" in recs[f"src/{stem}.hdr"].reason
+    assert recs["src/matlab.mat"].status == "skipped" and "not a medical image" in recs["src/matlab.mat"].reason
+    assert _leaks(out, marker) == []
+
+    root = SourceRoot.of(src)  # the nibabel reader on its own, without discovery's companion list
+    with pytest.raises(FailedInput, match="device|/dev"):
+        read_nibabel(src / "zero.hdr", root=root)
+    for stem in ("away", "upper"):
+        with pytest.raises(FailedInput, match="outside the source folder"):
+            read_nibabel(src / f"{stem}.hdr", root=root)
+
+
+def test_par_rec_and_afni_data_links_are_refused(tmp_path):
+    data = Path(nib.__file__).parent / "tests" / "data"
+    if not (data / "phantom_EPI_asc_CLEAR_2_1.PAR").exists() or not (data / "scaled+tlrc.HEAD").exists():
+        pytest.skip("nibabel's test data is not installed")
+    marker = _marker()
+    secret = _plant_secret(tmp_path / "elsewhere", marker)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "phantom.PAR").write_bytes((data / "phantom_EPI_asc_CLEAR_2_1.PAR").read_bytes())
+    (src / "phantom.REC").symlink_to(secret)
+    (src / "scaled+tlrc.HEAD").write_bytes((data / "scaled+tlrc.HEAD").read_bytes())
+    (src / "scaled+tlrc.BRIK").symlink_to(secret)
+    root = SourceRoot.of(src)
+    for header in ("phantom.PAR", "scaled+tlrc.HEAD"):
+        with pytest.raises(FailedInput, match="outside the source folder"):
+            read_nibabel(src / header, root=root)
+        with pytest.raises(FailedInput, match="outside the source folder"):
+            read_image_file(src / header)

@@ -12,7 +12,7 @@ Format names (what ``image_format`` returns) and their readers:
 format         suffixes (case-insensitive)                  reader
 =============  ===========================================  ==============
 ``nifti``      ``.nii``, ``.nii.gz``                        nibabel
-``analyze``    ``.hdr`` (+ ``.img``; NIfTI pair or Analyze) nibabel
+``analyze``    ``.hdr`` (+ ``.img``, SPM ``.mat``)          nibabel
 ``mgh``        ``.mgh``, ``.mgz``                           nibabel
 ``minc``       ``.mnc``                                     nibabel
 ``parrec``     ``.par`` (+ ``.rec``)                        nibabel
@@ -49,8 +49,11 @@ READERS: dict[str, Callable[[Path, Limits, SourceRoot], RawVolume]] = {
 }
 # Suffixes that only ever hold the voxels of a header file above.
 _COMPANION_SUFFIXES = (".img", ".img.gz", ".rec", ".brik", ".brik.gz", ".raw", ".raw.gz", ".zraw")
-# Header suffix -> data suffixes written beside it under the same stem.
-_SIBLING_DATA = {".hdr": (".img",), ".par": (".rec",), ".head": (".brik", ".brik.gz")}
+# Header suffix -> files beside it under the same stem that its reader opens
+# (nibabel reads an SPM Analyze header's orientation from a .mat beside it).
+_SIBLING_DATA = {".hdr": (".img", ".mat"), ".par": (".rec",), ".head": (".brik", ".brik.gz")}
+# Companions that are not voxel data: on their own they are just some other file.
+_SIDECAR_SUFFIXES = (".mat",)
 
 
 def _suffix(path: str | os.PathLike[str], suffixes) -> str | None:
@@ -73,6 +76,11 @@ def is_companion_suffix(path: str | os.PathLike[str]) -> bool:
     return _suffix(path, _COMPANION_SUFFIXES) is not None
 
 
+def is_sidecar_suffix(path: str | os.PathLike[str]) -> bool:
+    """True for files a header's reader may open beside it that hold no voxels (an SPM ``.mat``)."""
+    return _suffix(path, _SIDECAR_SUFFIXES) is not None
+
+
 def _case_variants(suffix: str, like: str) -> list[str]:
     # Match the header's case first (scan.HDR -> scan.IMG), then the other forms.
     first = suffix.upper() if like.isupper() else suffix
@@ -80,11 +88,11 @@ def _case_variants(suffix: str, like: str) -> list[str]:
 
 
 def companions(path: str | os.PathLike[str]) -> list[Path]:
-    """Data files that belong to the header file ``path`` and exist as a name
+    """Files that belong to the header file ``path`` and exist as a name
     (a link or special file included, so that a caller can refuse it).
 
-    ``.img`` beside ``.hdr``, ``.rec`` beside ``.par``, ``.brik[.gz]`` beside
-    ``.head`` (any case), and the detached data files a NRRD/MetaImage header
+    ``.img`` and SPM's ``.mat`` beside ``.hdr``, ``.rec`` beside ``.par``,
+    ``.brik[.gz]`` beside ``.head`` (any case), and the detached data files a NRRD/MetaImage header
     names (only names inside the header's folder). Empty for single-file
     formats, unreadable headers and non-image paths; never raises.
     """

@@ -236,6 +236,35 @@ def _check_file_map(img, root: SourceRoot) -> None:
             root.check(holder.filename, "its data file")
 
 
+def _spellings(name: str, stem: str) -> list[str]:
+    """``name`` and its suffix (what follows ``stem``) in lower and upper case:
+    on a case-insensitive file system any of them is the file nibabel opens."""
+    folder, base = os.path.split(name)
+    if not base.startswith(stem):
+        return [name]
+    tail = base[len(stem):]
+    return list(dict.fromkeys(os.path.join(folder, stem + t) for t in (tail, tail.lower(), tail.upper())))
+
+
+def _check_candidate_files(path: Path, root: SourceRoot) -> None:
+    """Before ``nib.load``: every file that any image class could open for ``path``
+    (an SPM Analyze header's ``.mat`` is read while loading, a pair's ``.img``
+    after) resolves inside the source root and is a regular file, in any case
+    spelling that exists. Loading picks the class by sniffing, so all are checked."""
+    stem = nib.filename_parser.splitext_addext(path.name, (".gz", ".bz2", ".zst"))[0]
+    for klass in nib.imageclasses.all_image_classes:
+        try:
+            file_map = klass.filespec_to_file_map(path)
+        except Exception:  # not a name this class reads
+            continue
+        for holder in file_map.values():
+            if not isinstance(holder.filename, str | os.PathLike):
+                continue
+            for name in _spellings(os.fspath(holder.filename), stem):
+                if name != os.fspath(path) and os.path.lexists(name):
+                    root.check(name, "its data file")
+
+
 # Header and extensions of a compressed NIfTI are decompressed before the
 # first voxel: a vox_offset past this is refused before anything is read.
 MAX_HEADER_BYTES = 64 << 20
@@ -324,6 +353,7 @@ def _repair_data_offset(img, path: Path) -> tuple[object, list[str]]:
 
 def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     root.check(path)  # stat only: a FIFO is refused before nibabel opens it
+    _check_candidate_files(path, root)
     _check_nifti_offset(path)
     img = _load(path)
     _check_file_map(img, root)
