@@ -50,7 +50,6 @@ def test_boxes_equal_zarr_and_pad_outside(tmp_path, layout, dtype):
     vol = _volume(dtype)
     store.write("v1", vol, {})
     reader = VolumeReader(tmp_path / "v.zarr" / "v1", ChunkCache(1 << 20))
-    assert reader.lean
     zyx = np.ascontiguousarray(vol.T)
     rng = np.random.default_rng(1)
     for start, size in _boxes(rng, zyx.shape):
@@ -62,22 +61,21 @@ def test_boxes_equal_zarr_and_pad_outside(tmp_path, layout, dtype):
     np.testing.assert_array_equal(reader.box((z, y, x), (20, 30, 40)), store.crop("v1", (x, y, z), (40, 30, 20)).T)
 
 
-def test_other_layouts_fall_back_to_zarr(tmp_path):
+def test_gzip_chunks_are_read_and_other_layouts_refused(tmp_path):
     zyx = np.ascontiguousarray(_volume().T)
     g = zarr.create_array(str(tmp_path / "g"), shape=zyx.shape, dtype=zyx.dtype, chunks=(8, 8, 8), compressors=[GzipCodec(), Crc32cCodec()])
     g[...] = zyx
-    # A transposing array-to-array codec is not one the lean path reads.
+    # A transposing array-to-array codec is not one the store writes: refused, never handed to zarr.
     t = zarr.create_array(str(tmp_path / "t"), shape=zyx.shape, dtype=zyx.dtype, chunks=(8, 8, 8), serializer="auto",
                           compressors=Crc32cCodec(), filters=[{"name": "transpose", "configuration": {"order": [2, 1, 0]}}])
     t[...] = zyx
     seal(tmp_path / "g")
     seal(tmp_path / "t")
-    lean, fallback = VolumeReader(tmp_path / "g"), VolumeReader(tmp_path / "t")
-    assert lean.lean and not fallback.lean
+    lean = VolumeReader(tmp_path / "g")
     for start, size in _boxes(np.random.default_rng(2), zyx.shape, 10):
-        want = _expected(zyx, start, size, 0)
-        np.testing.assert_array_equal(lean.box(start, size, fill=0), want)
-        np.testing.assert_array_equal(fallback.box(start, size, fill=0), want)
+        np.testing.assert_array_equal(lean.box(start, size, fill=0), _expected(zyx, start, size, 0))
+    with pytest.raises(OSError, match=r"t/zarr.json: codecs: codec 'transpose' first"):
+        VolumeReader(tmp_path / "t")
 
 
 def test_cache_is_bounded_and_reused(tmp_path):

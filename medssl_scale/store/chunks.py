@@ -8,16 +8,18 @@ offset comes from the shard index at the end of the shard file), decoded by
 numcodecs into a bounded LRU cache of decoded chunks, and a crop is a few
 ``memcpy`` of cached chunks. Measurements: ``docs/benchmarks.md``.
 
-Only the layouts :class:`~medssl_scale.store.volumes.ArrayStore` writes take
-this path (regular grid, optional ``sharding_indexed`` with the index at the
-end, ``bytes``, an optional blosc/zstd/gzip codec, then ``crc32c``); anything
-else is read through zarr itself, with the same results.
+It reads the layouts :class:`~medssl_scale.store.volumes.ArrayStore` writes
+(regular grid, optional ``sharding_indexed`` with the index at the end,
+``bytes``, an optional blosc/zstd/gzip codec, then ``crc32c``), which are the
+only ones :func:`~medssl_scale.store.integrity.read_meta` accepts.
 
 Nothing is read that could not be verified (:mod:`medssl_scale.store.integrity`):
-the metadata is checked when a reader opens, every chunk's crc32c before it
-is decoded, and each chunk file against the array's checksum list when it is
-first opened (a listed file that is missing or has another size is an error,
-never a box of fill values). Errors are :class:`VolumeError`, naming the file.
+the metadata is checked (and its sha256) when a reader opens, every chunk's
+crc32c before it is decoded, and each chunk file against the array's checksum
+list when it is first opened (a listed file that is missing or has another
+size is an error, never a box of fill values; a link or a FIFO is refused,
+never waited on). A chunk never decodes to more than its shape holds.
+Errors are :class:`VolumeError`, naming the file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ import numcodecs
 import numpy as np
 import zarr
 
-from medssl_scale.store.integrity import VolumeError, check_stored_file, decode_error, read_meta, verify_files
+from medssl_scale.store.integrity import VolumeError, check_stored_file, open_stored, read_meta
 
 _EMPTY = 2**64 - 1  # offset and length of a chunk the shard does not hold
 _CRC32C = numcodecs.CRC32C()
@@ -84,26 +87,24 @@ class ChunkCache:
         self.nbytes = 0
 
 
-def _bytes_codec(codecs: list[dict[str, Any]]) -> tuple[str, numcodecs.abc.Codec | None]:
-    """(byte order, compressor) for ``[bytes, compressor?, crc32c]``; ValueError for anything else."""
-    if not codecs or codecs[0]["name"] != "bytes":
-        raise ValueError("array-to-array codecs")
-    endian = "<" if (codecs[0].get("configuration") or {}).get("endian", "little") == "little" else ">"
-    if codecs[-1]["name"] != "crc32c":
-        raise ValueError("no crc32c")
-    rest = codecs[1:-1]
-    if not rest:
-        return endian, None
-    if len(rest) > 1:
-        raise ValueError("more than one bytes-to-bytes codec")
-    name, conf = rest[0]["name"], rest[0].get("configuration") or {}
-    if name == "blosc":
-        return endian, numcodecs.Blosc()  # blosc frames describe themselves
-    if name == "zstd":
-        return endian, numcodecs.Zstd()
+def _compressor(codecs: list[dict[str, Any]]) -> str | None:
+    """The compressor of a checked ``[bytes, compressor?, crc32c]`` pipeline (read_meta allows no other)."""
+    return codecs[1]["name"] if len(codecs) == 3 else None
+
+
+def _inflate(name: str | None, data: bytes, nbytes: int) -> bytes | np.ndarray:
+    """A chunk's bytes decompressed into at most ``nbytes`` (a crafted chunk is no decompression bomb)."""
+    if name is None:
+        return data
     if name == "gzip":
-        return endian, numcodecs.GZip(level=conf.get("level", 1))
-    raise ValueError(f"codec {name}")
+        d = zlib.decompressobj(wbits=47)  # gzip or zlib framing
+        out = d.decompress(data, nbytes + 1)
+        if len(out) > nbytes or not d.eof:
+            raise ValueError(f"decompresses to more than the chunk's {nbytes} bytes, or not completely")
+        return out
+    out = np.zeros(nbytes, dtype=np.uint8)  # blosc and zstd refuse a frame larger than the buffer they are given
+    codec = numcodecs.Blosc() if name == "blosc" else numcodecs.Zstd()
+    return codec.decode(data, out=out)
 
 
 class VolumeReader:
@@ -118,37 +119,19 @@ class VolumeReader:
         outer = tuple(self.meta["chunk_grid"]["configuration"]["chunk_shape"])
         self._sep = self.meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
         self._indexes: dict[tuple[int, ...], np.ndarray] = {}
-        try:
-            codecs = self.meta["codecs"]
-            if self.meta["chunk_key_encoding"]["name"] != "default":
-                raise ValueError("chunk key encoding")
-            if codecs[0]["name"] == "sharding_indexed":
-                conf = codecs[0]["configuration"]
-                if conf.get("index_location", "end") != "end" or [c["name"] for c in conf["index_codecs"]] != ["bytes", "crc32c"]:
-                    raise ValueError("shard index layout")
-                self.chunk = tuple(conf["chunk_shape"])
-                self.shard: tuple[int, ...] | None = outer
-                if any(s % c for s, c in zip(outer, self.chunk)):
-                    raise VolumeError(f"{self.path / 'zarr.json'}: shard shape {list(outer)} is not a multiple of the chunk shape")
-                endian, self._codec = _bytes_codec(conf["codecs"])
-            else:
-                self.chunk, self.shard = outer, None
-                endian, self._codec = _bytes_codec(codecs)
-            self.dtype = np.dtype(self.meta["data_type"]).newbyteorder(endian)
-            self._zarr: zarr.Array | None = None
-        except (ValueError, KeyError) as e:
-            # zarr checks each chunk's crc32c itself; a deleted file it would fill silently, so look first.
-            problems = verify_files(self.path, self.meta, rehash=False)
-            if problems:
-                raise VolumeError(problems[0]) from None
-            self._zarr = open_checked(self.path)
-            self.dtype = self._zarr.dtype
-            self.lean_reason = str(e)
-
-    @property
-    def lean(self) -> bool:
-        """True when boxes are read by this module, False when through zarr."""
-        return self._zarr is None
+        codecs = self.meta["codecs"]
+        if codecs[0]["name"] == "sharding_indexed":
+            conf = codecs[0]["configuration"]
+            self.chunk = tuple(conf["chunk_shape"])
+            self.shard: tuple[int, ...] | None = outer
+            if any(s % c for s, c in zip(outer, self.chunk)):
+                raise VolumeError(f"{self.path / 'zarr.json'}: shard shape {list(outer)} is not a multiple of the chunk shape")
+            self._codec = _compressor(conf["codecs"])
+        else:
+            self.chunk, self.shard = outer, None
+            self._codec = _compressor(codecs)
+        self.dtype = np.dtype(self.meta["data_type"]).newbyteorder("<")  # read_meta allows little-endian only
+        self._chunk_bytes = int(np.prod(self.chunk)) * self.dtype.itemsize
 
     # -- chunk access -------------------------------------------------------------
     def _key(self, grid: tuple[int, ...]) -> str:
@@ -180,10 +163,9 @@ class VolumeReader:
         except (RuntimeError, ValueError) as e:
             raise VolumeError(f"{where}: chunk checksum mismatch ({e})") from None
         try:
-            if self._codec is not None:
-                data = self._codec.decode(data)
-            return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk)
-        except (RuntimeError, ValueError, SystemError, TypeError) as e:  # blosc raises SystemError on some bad headers
+            data = _inflate(self._codec, data, self._chunk_bytes)
+            return np.frombuffer(data, dtype=self.dtype, count=-1).reshape(self.chunk)
+        except (RuntimeError, ValueError, SystemError, TypeError, zlib.error) as e:  # blosc raises SystemError on some bad headers
             raise VolumeError(f"{where}: corrupt chunk ({type(e).__name__}: {e})") from None
 
     def _load(self, grid: tuple[int, ...], fds: dict[Path, tuple[int, int]]) -> np.ndarray | None:
@@ -197,7 +179,7 @@ class VolumeReader:
         if file not in fds:
             key = file.relative_to(self.path).as_posix()
             try:
-                fd = os.open(file, os.O_RDONLY)
+                fd = open_stored(self.path, key)  # no link, no FIFO
             except FileNotFoundError:
                 check_stored_file(self.path, self.meta, key, None)  # raises where the file was written
                 fds[file] = (-1, 0)
@@ -239,13 +221,6 @@ class VolumeReader:
             return out
         if any(l > s for l, s in zip(lo, start)) or any(h < s + k for h, s, k in zip(hi, start, size)):
             out.fill(fill)
-        if self._zarr is not None:
-            try:
-                part = self._zarr[tuple(slice(l, h) for l, h in zip(lo, hi))]
-            except (RuntimeError, ValueError, SystemError, TypeError, OSError) as e:  # zarr's and zarrs' decode errors name no file
-                raise decode_error(self.path, self.meta, e) from None
-            out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = part
-            return out
         ranges = [range(l // c, (h - 1) // c + 1) for l, h, c in zip(lo, hi, self.chunk)]
         fds: dict[Path, tuple[int, int]] = {}
         try:
