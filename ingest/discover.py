@@ -47,6 +47,7 @@ class Item:
     label_source: str | None = None
     classes: dict[str, str] | None = None  # label value -> class name, where a dataset.json says
     root: SourceRoot | None = None  # where every file its readers open must resolve
+    roots: list[SourceRoot] | None = None  # per path instead, for a DICOM series found under several sources
 
 
 @dataclasses.dataclass
@@ -62,6 +63,7 @@ class Found:
     items: list[Item] = dataclasses.field(default_factory=list)
     problems: list[Problem] = dataclasses.field(default_factory=list)
     dicom_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (abs path, source name)
+    dicom_roots: dict[str, SourceRoot] = dataclasses.field(default_factory=dict)  # abs path -> its source root
 
 
 class SourceError(ValueError):
@@ -135,6 +137,7 @@ def discover(roots: list[Path], overrides: list[tuple[str, str]] | None = None, 
             companions_seen[path] = name  # claimed by its header below, or reported
         elif dicom.looks_like_dicom(path):
             found.dicom_files.append((path, name))
+            found.dicom_roots[path] = root_of[path]
         elif base.lower() in ("dataset.json", "labels.json"):
             found.problems.append(Problem(name, "skipped", "dataset description (read for label class names)"))
         else:

@@ -186,7 +186,7 @@ def _label_array(path: str, image_raw: RawVolume, limits: Limits, root=None) -> 
 
 def _read(item: Item, limits: Limits) -> RawVolume:
     if item.kind == "dicom":
-        return dicom.read_series(item.paths, limits)
+        return dicom.read_series(item.paths, limits, item.roots or item.root)
     return files.read_image_file(item.paths[0], limits, item.root)
 
 

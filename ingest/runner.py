@@ -141,11 +141,12 @@ def run_ingest(cfg: IngestConfig, progress: Progress | None = None) -> tuple[dic
             _finish_pending_shards(ds, opts, known, shards)
 
             found = discover(cfg.sources, overrides, skip=_skip_root(cfg), follow_symlinks=cfg.follow_symlinks)
+            dicom_roots = found.dicom_roots
             if cfg.partition:
                 found = partitions.select(found, *cfg.partition)
             for p in found.problems:
                 _record(manifest, known, [_problem_record(p, pseud, cfg.hash_paths)], stats, log)
-            found.items += _dicom_items(found.dicom_files, pool, overrides, pseud, cfg.hash_paths, manifest, known, stats, log, progress)
+            found.items += _dicom_items(found.dicom_files, dicom_roots, pool, overrides, pseud, cfg.hash_paths, manifest, known, stats, log, progress)
             if cfg.partition:
                 partitions.write_order(ds, found.items, pseud.namer(cfg.hash_paths))
 
@@ -301,8 +302,8 @@ def _finish_pending_shards(ds: DatasetDir, opts: Options, known: dict, shards: S
         _shard(shards, vid, opts.shard_codec)
 
 
-def _dicom_items(dicom_files, pool, overrides, pseud, hash_paths, manifest, known, stats, log, progress) -> list[Item]:
-    """Read DICOM headers in parallel, group them into series items."""
+def _dicom_items(dicom_files, dicom_roots, pool, overrides, pseud, hash_paths, manifest, known, stats, log, progress) -> list[Item]:
+    """Read DICOM headers in parallel, group them into series items, each held to the source roots its files came from."""
     if not dicom_files:
         return []
     name_of = dict(dicom_files)
@@ -324,7 +325,10 @@ def _dicom_items(dicom_files, pool, overrides, pseud, hash_paths, manifest, know
         else:
             uid = uid_of[paths[0]]
             source = f"{folder}#series-{pseud('series', uid)[4:16] if uid else 'unknown'}"
-        items.append(Item("dicom", source, list(paths), names, modality_for(source, overrides)))
+        roots = [dicom_roots[p] for p in paths]
+        one = all(r == roots[0] for r in roots)
+        items.append(Item("dicom", source, list(paths), names, modality_for(source, overrides),
+                          root=roots[0] if one else None, roots=None if one else roots))
     return items
 
 

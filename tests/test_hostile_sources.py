@@ -22,7 +22,7 @@ from ingest.source_names import name_bytes, record_name
 from medssl_scale.io.containment import SourceRoot
 from medssl_scale.io.files import read_image_file
 from medssl_scale.io.nibabel_io import read_nibabel
-from medssl_scale.io.types import FailedInput
+from medssl_scale.io.types import FailedInput, Limits
 from medssl_scale.store.layout import DatasetDir
 from medssl_scale.store.manifest import latest, read_manifest
 from medssl_scale.store.volumes import volume_store
@@ -335,3 +335,43 @@ def test_par_rec_and_afni_data_links_are_refused(tmp_path):
             read_nibabel(src / header, root=root)
         with pytest.raises(FailedInput, match="outside the source folder"):
             read_image_file(src / header)
+
+
+def test_a_dicom_file_linked_from_outside_never_reaches_the_dataset(tmp_path):
+    """One file of a series folder is a link to another patient's DICOM outside the source."""
+    from ingest.discover import Item
+    from ingest.pipeline import Options, process_item
+    from medssl_scale.io.dicom import read_series, scan_header
+    from medssl_scale.synth.dicom import write_series
+
+    marker = _marker()
+    shape, affine = (24, 16, 6), np.diag([-0.7, -0.8, 2.5, 1.0])
+    outsider = np.broadcast_to(np.tile(marker, 3)[:, None, None], shape).astype(np.int16)
+    inside = np.random.default_rng(0).integers(-1000, 1000, size=shape).astype(np.int16)
+    uid = "1.2.826.0.1.3680043.8.498.4242"
+    theirs = write_series(tmp_path / "elsewhere", outsider, affine, series_uid=uid, shuffle=False, rescale=(1.0, 0.0),
+                          identifiers={"PatientName": "OUTSIDER^EVE", "PatientID": "OUT-4242"})
+    src = tmp_path / "src"
+    ours = write_series(src / "series", inside, affine, series_uid=uid, shuffle=False)
+    ours[3].unlink()
+    ours[3].symlink_to(theirs[3])
+    os.mkfifo(src / "series" / "pipe.dcm")
+
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out))
+    recs = _records(out)
+    linked = f"src/series/{ours[3].name}"
+    assert recs[linked].status == "skipped" and "not followed" in recs[linked].reason
+    assert recs["src/series/pipe.dcm"].status == "skipped" and "pipe" in recs["src/series/pipe.dcm"].reason
+    assert _leaks(out, marker) == []
+    assert not [f for f in out.rglob("*") if f.is_file() and b"OUT-4242" in f.read_bytes()]
+
+    # Read time holds the series to its root too (a file swapped for a link after discovery, an API caller).
+    with pytest.raises(FailedInput, match="outside the source folder"):
+        read_series([str(p) for p in ours], Limits(), SourceRoot.of(src))
+    item = Item("dicom", "src/series", [str(p) for p in ours], [f"src/series/{p.name}" for p in ours],
+                root=SourceRoot.of(src))
+    (rec,) = process_item(item, Options(out=tmp_path / "direct", secret=b"s" * 32)).records
+    assert rec.status == "failed" and "outside the source folder" in rec.reason
+    with pytest.raises(FailedInput, match="pipe"):  # stat first: opening it would block
+        scan_header(src / "series" / "pipe.dcm")

@@ -42,6 +42,29 @@ def special_file_reason(st: os.stat_result) -> str | None:
     return "not a regular file: refusing to open it"
 
 
+def openable_refusal(path: str | os.PathLike[str], what: str = "the file") -> str | None:
+    """Why ``path`` may not be opened by any reader, wherever it lies (a special or
+    system pseudo-file, or none at all), or None for a regular file."""
+    real = os.path.realpath(path)
+    if is_system_path(real):
+        return f"{what} resolves into /{real.split('/')[1]}: a system pseudo-file, refusing to open it"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"data file missing: {what} does not exist (or is a broken symlink)"
+    except OSError as e:
+        return f"{what} cannot be examined: {e.strerror or type(e).__name__}"
+    reason = special_file_reason(st)
+    return f"{what} is {reason}" if reason else None
+
+
+def check_openable(path: str | os.PathLike[str], what: str = "the file") -> None:
+    """Raise :class:`FailedInput` unless ``path`` is a regular file outside /dev, /proc and /sys."""
+    reason = openable_refusal(path, what)
+    if reason is not None:
+        raise FailedInput(reason)
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceRoot:
     """The folder (resolved) that an item's files must resolve into.
@@ -66,19 +89,10 @@ class SourceRoot:
 
     def refusal(self, path: str | os.PathLike[str], what: str = "the file") -> str | None:
         """Why ``path`` may not be opened for an item of this root, or None when it may."""
-        real = os.path.realpath(path)
-        if is_system_path(real):
-            return f"{what} resolves into /{real.split('/')[1]}: a system pseudo-file, refusing to open it"
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return f"data file missing: {what} does not exist (or is a broken symlink)"
-        except OSError as e:
-            return f"{what} cannot be examined: {e.strerror or type(e).__name__}"
-        reason = special_file_reason(st)
+        reason = openable_refusal(path, what)
         if reason:
-            return f"{what} is {reason}"
-        if not self.follow_symlinks and not self.contains(real):
+            return reason
+        if not self.follow_symlinks and not self.contains(os.path.realpath(path)):
             return f"{what} resolves outside the source folder (a symlink leaving it): not followed; {FOLLOW_HINT}"
         return None
 

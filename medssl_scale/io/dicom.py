@@ -49,6 +49,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import PersonName
 
+from medssl_scale.io.containment import SourceRoot, check_openable
 from medssl_scale.io.types import (
     MODALITIES,
     FailedInput,
@@ -108,10 +109,6 @@ META_KEYWORDS: tuple[str, ...] = (
     "ImagingFrequency", "ImagedNucleus", "PixelBandwidth",
 )
 
-# A DICOM header (everything before the pixel data) larger than this is refused
-# when it has to be inflated: it bounds what a deflate bomb costs a header scan.
-HEADER_INFLATE_LIMIT = 64 << 20
-
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CODE_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")
 _LOCALIZER_TYPES = {"LOCALIZER", "SCOUT"}
@@ -154,14 +151,17 @@ def looks_like_dicom(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def scan_header(path: str | os.PathLike[str]) -> DicomFileHeader:
+def scan_header(path: str | os.PathLike[str], limits: Limits = Limits()) -> DicomFileHeader:
     """The header fields grouping needs; reading stops before the pixel data.
 
     The whole header is parsed (not only these tags) so that a file cut short
-    inside its header is caught here, once, rather than at read time.
+    inside its header is caught here, once, rather than at read time. A
+    deflated header inflates to ``limits.max_header_bytes`` at most.
+    A FIFO, device or system pseudo-file is refused from its ``stat``, unopened.
     """
+    check_openable(path)
     with quiet_pydicom():
-        ds, has_pixels = _read(path, header_only=True)
+        ds, has_pixels = _read(path, header_only=True, max_inflated=limits.max_header_bytes)
         return DicomFileHeader(
             path=str(path),
             series_uid=_uid(ds, "SeriesInstanceUID"),
@@ -315,17 +315,36 @@ class _Frame:
     intercept: float
 
 
-def read_series(paths: Sequence[str | os.PathLike[str]], limits: Limits) -> RawVolume:
+def read_series(
+    paths: Sequence[str | os.PathLike[str]],
+    limits: Limits,
+    root: SourceRoot | Sequence[SourceRoot] | None = None,
+) -> RawVolume:
     """Read one series (single-frame files or enhanced multi-frame objects).
 
     Pixels are decoded only after every header check passed, the size checked
     against ``limits`` included.
+
+    ``root``: where every file must resolve before it is opened (discovery's
+    source root), one for all paths or one per path (a series found under
+    several sources). None: the paths are the caller's own choice, only
+    FIFOs, devices and system pseudo-files are refused.
     """
     if not paths:
         raise FailedInput("empty series (no files)")
+    roots = [root] * len(paths) if root is None or isinstance(root, SourceRoot) else list(root)
+    if len(roots) != len(paths):
+        raise ValueError("read_series: give one root, or one per path")
+    for p, r in zip(paths, roots):
+        if r is None:
+            check_openable(p, "a file of the series")
+        else:
+            r.check(p, "a file of the series")
     with quiet_pydicom():
         files = sorted({str(p) for p in paths})
-        files, dss, has_pixels, duplicates = _dedupe(files, [_read(p, header_only=True) for p in files], limits)
+        files, dss, has_pixels, duplicates = _dedupe(
+            files, [_read(p, header_only=True, max_inflated=limits.max_header_bytes) for p in files], limits
+        )
         _check_kind(dss, has_pixels)
         _check_one_patient(dss)
         dss, files, n_localizers = _drop_localizers(dss, files)
@@ -338,7 +357,7 @@ def read_series(paths: Sequence[str | os.PathLike[str]], limits: Limits) -> RawV
         enhanced = any(_is_multiframe(ds) for ds in dss)
         frames = [f for i, ds in enumerate(dss) for f in _frames_of(i, ds)]
         frames, affine = _sort_and_check_geometry(frames)
-        array = _decode(files, dss, frames, rows, cols)
+        array = _decode(files, dss, frames, rows, cols, limits)
         meta = _meta(dss[0], ts, len(frames), identifying_tokens(dss))
         if n_localizers:
             meta["LocalizersDropped"] = n_localizers
@@ -420,7 +439,7 @@ def _difference(
         return None
     rows, cols = _int(a, "Rows", 0), _int(a, "Columns", 0)
     limits.check_shape((cols, rows, _int(a, "NumberOfFrames", 1)), "DICOM header")
-    if not np.array_equal(_pixels(path_a, rows, cols, a), _pixels(path_b, rows, cols, b)):
+    if not np.array_equal(_pixels(path_a, rows, cols, a, limits), _pixels(path_b, rows, cols, b, limits)):
         return "pixel data"
     return None
 
@@ -615,7 +634,7 @@ def _sort_and_check_geometry(frames: list[_Frame]) -> tuple[list[_Frame], np.nda
 
 
 def _decode(
-    files: list[str], headers: list[Dataset], frames: list[_Frame], rows: int, cols: int
+    files: list[str], headers: list[Dataset], frames: list[_Frame], rows: int, cols: int, limits: Limits
 ) -> np.ndarray:
     """Decode pixels into (k, j, i) order, apply rescale, return as (i, j, k)."""
     integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in frames)
@@ -634,7 +653,7 @@ def _decode(
     for k, f in enumerate(frames):
         by_file.setdefault(f.file, []).append((k, f))
     for index, members in by_file.items():
-        pixels = _pixels(files[index], rows, cols, headers[index])
+        pixels = _pixels(files[index], rows, cols, headers[index], limits)
         for k, f in members:
             plane = pixels[f.frame] if f.frame is not None else pixels[0]
             if integral:
@@ -660,14 +679,14 @@ def _output_range(headers: list[Dataset], frames: list[_Frame]) -> tuple[int, in
     return lo, hi
 
 
-def _pixels(path: str, rows: int, cols: int, header: Dataset) -> np.ndarray:
+def _pixels(path: str, rows: int, cols: int, header: Dataset, limits: Limits) -> np.ndarray:
     """All frames of one file as (frames, rows, cols), after length checks.
 
     ``header`` (the file's header, already checked against the limits) bounds
     what a deflated file may inflate to: its header and the pixels it declares.
     """
     declared = rows * cols * _int(header, "NumberOfFrames", 1) * max(_int(header, "BitsAllocated", 16), 1) // 8
-    ds, _ = _read(path, header_only=False, max_inflated=HEADER_INFLATE_LIMIT + declared + 16)
+    ds, _ = _read(path, header_only=False, max_inflated=limits.max_header_bytes + declared + 16)
     if "PixelData" not in ds:
         raise SkippedInput(f"not an image ({_sop_class_name(ds)}; no pixel data)")
     n = _int(ds, "NumberOfFrames", 1)
@@ -778,7 +797,7 @@ def quiet_pydicom() -> Iterator[None]:
 
 
 def _read(
-    path: str | os.PathLike[str], *, header_only: bool, max_inflated: int = HEADER_INFLATE_LIMIT
+    path: str | os.PathLike[str], *, header_only: bool, max_inflated: int = Limits().max_header_bytes
 ) -> tuple[Dataset, bool]:
     """dcmread with library errors turned into FailedInput; also says if pixels follow.
 
@@ -853,14 +872,17 @@ def transfer_syntax_guessed(ds: Dataset) -> bool:
     return bool(getattr(meta, "medssl_guessed_syntax", False))
 
 
-def _deflated_meta(f: Any) -> tuple[bytes, FileMetaDataset] | None:
+def _deflated_meta(f: Any) -> tuple[bytes | None, FileMetaDataset] | None:
     """(preamble, file meta) when the file is Deflated Explicit VR Little Endian, else None.
 
-    Leaves ``f`` at the first byte of the deflated data set.
+    The file meta is looked for where pydicom finds it: after the preamble and
+    'DICM', or at the first byte of a file without them (which pydicom, forced,
+    would inflate whole). Leaves ``f`` at the first byte of the deflated data set.
     """
-    preamble = f.read(128)
+    preamble: bytes | None = f.read(128)
     if len(preamble) < 128 or f.read(4) != b"DICM":
-        return None
+        preamble = None
+        f.seek(0)
     try:
         meta = FileMetaDataset(
             read_dataset(f, is_implicit_VR=False, is_little_endian=True, stop_when=_not_file_meta)
