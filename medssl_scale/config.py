@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from medssl_scale.io.bounded import read_bounded
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 MAX_BYTES = 1 << 20  # a run config is a few KiB
@@ -96,12 +98,9 @@ def parse_yaml(text: str, where: str) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_BYTES + 1)  # never more than the bound, whatever the file's size
+        raw = read_bounded(path, MAX_BYTES, "the config")  # a config is a few KiB
     except OSError as e:
         raise ValueError(f"{path}: cannot read the config ({e.strerror})") from None
-    if len(raw) > MAX_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_BYTES} bytes; a config is a few KiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

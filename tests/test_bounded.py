@@ -90,3 +90,32 @@ def test_resampling_is_checked_against_the_voxel_cap_before_allocating(tmp_path)
     opts = Options(out=tmp_path / "ds", secret=b"s" * 32, spacing=(10.0, 10.0, 10.0), limits=Limits(max_memory=40_000_000))
     rec = process_item(item, opts).records[0]
     assert rec.status == "failed" and rec.reason.startswith("not enough memory (resampling to 10x10x10 mm makes 160x160x160"), rec.reason
+
+
+def test_read_bounded_refuses_what_is_over_its_cap_or_not_a_file(tmp_path):
+    import os
+    import threading
+
+    import pytest
+
+    from medssl_scale.io.bounded import FileTooLarge, NotARegularFile, read_bounded
+
+    p = tmp_path / "small.json"
+    p.write_bytes(b"x" * 10)
+    assert read_bounded(p, 10, "a test file") == b"x" * 10
+    with pytest.raises(FileTooLarge, match=r"small.json: larger than 9 bytes, the most a test file may have"):
+        read_bounded(p, 9, "a test file")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done = threading.Event()
+    def refuse():
+        with pytest.raises(NotARegularFile, match="fifo: a test file is not a regular file"):
+            read_bounded(fifo, 10, "a test file")
+        done.set()
+    t = threading.Thread(target=refuse, daemon=True)
+    t.start()
+    t.join(5)
+    assert done.is_set()  # refused at once: no writer ever opens the FIFO
+    for special in ("/dev/zero", tmp_path):
+        with pytest.raises(NotARegularFile):
+            read_bounded(special, 10, "a test file")

@@ -115,7 +115,8 @@ def test_train_publish_pull_elsewhere_and_refuse_tampering(tmp_path):
         # Bytes changed after publishing are refused, a pickle in place of the weights included.
         original = stored.read_bytes()
         stored.write_bytes(pickle.dumps(_Planted(marker)))
-        with pytest.raises(EncoderLoadError, match="encoder.safetensors does not match its recorded sha256"):
+        # (its header is read first: a pickle is no safetensors file, and is refused before the rest is read)
+        with pytest.raises(EncoderLoadError, match="encoder.safetensors is not a safetensors file"):
             load_encoder("models:/tiny-encoder@champion", tracking_uri=uri)
         assert not marker.exists()
         stored.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
@@ -174,7 +175,8 @@ def _rehash(d: Path) -> None:
     (None, "encoder.json does not match its schema: extra: Extra inputs are not permitted"),
     (b"{\"format\": \"medssl-encoder/1\", \"architecture\": {\"name\": \"conv_ae\"}, \"feature_channels\": \"8\", "
      b"\"feature_strides\": []}", "encoder.json does not match its schema: feature_channels: Input should be a valid list"),
-    (b" " * (2 << 20), "encoder.json is 2,097,152 bytes, over the 1,048,576"),
+    (b" " * (2 << 20), "encoder.json is over the 1,048,576 bytes a registry file may have"),
+    (b"{\"format\": NaN}", "encoder.json is not valid JSON: _NotJSON: NaN is not a JSON value"),
 ])
 def test_malformed_encoder_json_is_refused_naming_the_file(tmp_path, doc, why):
     enc = build_encoder("conv_ae", channels=[4, 8])
@@ -194,7 +196,9 @@ def test_malformed_encoder_json_is_refused_naming_the_file(tmp_path, doc, why):
     (b"\"abc\"", "sha256.json must hold a JSON object, found str"),
     (b"{\"encoder.json\": 5}", "sha256.json does not match its schema: encoder.safetensors: Field required; encoder.json: Input should be a valid string"),
     (None, "sha256.json does not match its schema: model.pkl: Extra inputs are not permitted"),
-    (b"{" + b" " * (2 << 20) + b"}", "sha256.json is 2,097,154 bytes, over the 1,048,576"),
+    (b"{" + b" " * (2 << 20) + b"}", "sha256.json is over the 1,048,576 bytes a registry file may have"),
+    (b"{\"encoder.json\": Infinity}", "sha256.json is not valid JSON: _NotJSON: Infinity is not a JSON value"),
+    (b"{\"encoder.json\": -Infinity}", "sha256.json is not valid JSON: _NotJSON: -Infinity is not a JSON value"),
 ])
 def test_malformed_sha256_json_is_refused_naming_the_file(tmp_path, doc, why):
     d = tmp_path / "enc"
@@ -240,10 +244,70 @@ def test_a_huge_declared_network_is_refused_without_allocating(tmp_path):
     d = tmp_path / "enc"
     fmt.write(build_encoder("conv_ae", channels=[4, 8]), d)
     arch = json.loads((d / fmt.ARCH).read_text())
-    arch["architecture"]["channels"] = [100_000, 200_000]  # ~5.4e11 parameters: 2 TB of fp32
+    arch["architecture"]["channels"] = [8192] * 8  # each setting within its bounds, ~1.3e10 parameters: 50 GB of fp32
     (d / fmt.ARCH).write_text(json.dumps(arch))
     _rehash(d)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(EncoderLoadError, match="declares a conv_ae too large to load"):
         load_encoder(d)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing of the declared size
+
+
+def test_architecture_settings_are_bounded_and_built_on_meta(tmp_path):
+    import resource
+    import time
+
+    d = tmp_path / "enc"
+    fmt.write(build_encoder("swin_unetr", feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3)), d)
+    doc = json.loads((d / fmt.ARCH).read_text())
+    # window_size 32: MONAI's relative-position index alone is 32^6 int64 values (8.6 GB) if built for real.
+    for setting, value, why in [("window_size", 32, "window_size=32 is out of range"), ("depths", [1] * 9, "depths has 9 entries"),
+                                ("feature_size", "12", "feature_size must be whole numbers"), ("extra_int", 3, "settings it does not take")]:
+        arch = {**doc, "architecture": {**doc["architecture"], setting: value}}
+        (d / fmt.ARCH).write_text(json.dumps(arch))
+        _rehash(d)
+        t0 = time.monotonic()
+        with pytest.raises(EncoderLoadError, match=why):
+            load_encoder(d)
+        assert time.monotonic() - t0 < 5
+    # Within the bounds, the index tables too go to meta: window 16 (a 2.3 GB index built for real) costs nothing.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    arch = {**doc, "architecture": {**doc["architecture"], "window_size": 16}}
+    (d / fmt.ARCH).write_text(json.dumps(arch))
+    _rehash(d)
+    with pytest.raises(EncoderLoadError, match="do not fit the architecture"):
+        load_encoder(d)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000  # kB
+
+
+def test_a_weights_header_that_disagrees_is_refused_before_the_body_is_read(tmp_path):
+    import struct
+
+    from safetensors.torch import load_file
+
+    d = tmp_path / "enc"
+    fmt.write(build_encoder("conv_ae", channels=[4, 8]), d)
+    state = load_file(str(d / fmt.WEIGHTS))
+    # A header declaring one tensor of 2^31 floats (8 GB), followed by a short body: the file is a sparse 8 GB
+    # hole, so reading it would take the memory; the header is compared first and names the mismatch.
+    key = sorted(state)[0]
+    hdr = json.dumps({key: {"dtype": "F32", "shape": [1 << 31], "data_offsets": [0, 4 << 31]}}).encode()
+    with open(d / fmt.WEIGHTS, "wb") as f:
+        f.write(struct.pack("<Q", len(hdr)) + hdr)
+        f.truncate(8 + len(hdr) + (4 << 31))
+    _rehash_fast = {fmt.ARCH: fmt.sha256(d / fmt.ARCH), fmt.WEIGHTS: "0" * 64}
+    (d / fmt.HASHES).write_text(json.dumps(_rehash_fast))
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(EncoderLoadError, match=r"do not fit the architecture in encoder.json\n  missing keys \(5\)"):
+        load_encoder(d)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # kB
+    # The right header followed by more bytes than its tensors take: refused by size, not read whole.
+    fmt.write(build_encoder("conv_ae", channels=[4, 8]), d)
+    with open(d / fmt.WEIGHTS, "r+b") as f:
+        f.truncate((d / fmt.WEIGHTS).stat().st_size + (1 << 33))
+    (d / fmt.HASHES).write_text(json.dumps({fmt.ARCH: fmt.sha256(d / fmt.ARCH), fmt.WEIGHTS: "0" * 64}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(fmt.RegistryFormatError, match="encoder.safetensors is over the .* bytes a registry file may have"):
+        load_encoder(d)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # kB

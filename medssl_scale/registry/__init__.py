@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def fetch(uri: str | Path, tracking_uri: str | None = None) -> tuple[dict[str, b
                     raise EncoderLoadError(f"{where}: artifact {name} is missing") from None
                 raise EncoderLoadError(f"{where}: artifact {name} at {mv.source} could not be downloaded: {e}") from None
             if got != local / name:
-                (local / name).write_bytes(got.read_bytes())
+                shutil.copyfile(got, local / name)  # not through memory: its size is checked when it is read
         return fmt.verify(local, recorded_hashes(mv.tags), where), where
 
 

@@ -9,11 +9,13 @@ wrong type) before anything is built from them.
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from medssl_scale.registry.errors import RegistryFormatError
+from medssl_scale.io.bounded import FileTooLarge, NotARegularFile, read_bounded
+from medssl_scale.registry.errors import EncoderLoadError, RegistryFormatError
 
 MAX_JSON_BYTES = 1 << 20  # an encoder.json is a few hundred bytes; a megabyte is already absurd
 
@@ -51,12 +53,33 @@ def check_size(nbytes: int, name: str, where: str, cap: int = MAX_JSON_BYTES) ->
         raise RegistryFormatError(f"{where}: {name} is {nbytes:,} bytes, over the {cap:,} a registry file may have; refusing to read it")
 
 
+def read_file(path: str | os.PathLike[str], name: str, where: str, cap: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of the registry file ``name`` at ``path``, read bounded (:func:`read_bounded`); typed errors naming ``name``."""
+    try:
+        return read_bounded(path, cap, name)
+    except FileTooLarge:
+        raise RegistryFormatError(f"{where}: {name} is over the {cap:,} bytes a registry file may have; refusing to read it") from None
+    except NotARegularFile:
+        raise RegistryFormatError(f"{where}: {name} is not a regular file; refusing to read it") from None
+    except OSError as e:
+        raise EncoderLoadError(f"{where}: {name} is missing or unreadable: {e.strerror or e}") from None
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constant(token: str) -> Any:
+    # Python's json takes NaN, Infinity and -Infinity, which JSON itself does not have.
+    raise _NotJSON(f"{token} is not a JSON value")
+
+
 def parse(data: bytes, model: type[BaseModel], name: str, where: str) -> Any:
     """``data`` (the bytes of the file ``name``) validated against ``model``; RegistryFormatError naming the file otherwise."""
     check_size(len(data), name, where)
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, _NotJSON) as e:
         raise RegistryFormatError(f"{where}: {name} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(doc, dict):
         raise RegistryFormatError(f"{where}: {name} must hold a JSON object, found {type(doc).__name__}")

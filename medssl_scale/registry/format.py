@@ -33,8 +33,6 @@ from medssl_scale.store.layout import atomic_write_text
 FORMAT = "medssl-encoder/1"
 WEIGHTS, ARCH, HASHES = "encoder.safetensors", "encoder.json", "sha256.json"
 FILES = (WEIGHTS, ARCH)
-# Read no more than this from a file before its hash is checked (a planted 100 GB file must not fill memory).
-MAX_BYTES = {ARCH: documents.MAX_JSON_BYTES, WEIGHTS: expected.MAX_PARAMETERS * 4 + expected.MAX_HEADER_BYTES}
 log = logging.getLogger(__name__)
 
 __all__ = ["ARCH", "FILES", "FORMAT", "HASHES", "WEIGHTS", "EncoderLoadError", "RegistryFormatError", "read", "read_hashes",
@@ -43,12 +41,7 @@ __all__ = ["ARCH", "FILES", "FORMAT", "HASHES", "WEIGHTS", "EncoderLoadError", "
 
 def read_hashes(directory: Path) -> dict[str, str]:
     """A directory's ``sha256.json``, checked for size, JSON and schema (RegistryFormatError naming it otherwise)."""
-    path = directory / HASHES
-    try:
-        documents.check_size(path.stat().st_size, HASHES, str(directory))
-        data = path.read_bytes()
-    except OSError as e:
-        raise EncoderLoadError(f"{directory}: {HASHES} is missing or unreadable: {e.strerror or e}") from None
+    data = documents.read_file(directory / HASHES, HASHES, str(directory))
     return documents.parse(data, documents.HashesDocument, HASHES, str(directory)).by_file()
 
 
@@ -79,31 +72,65 @@ def write(encoder: nn.Module, out: Path, source: dict[str, Any] | None = None) -
     return hashes
 
 
-def verify(directory: Path, expected: dict[str, str], where: str) -> dict[str, bytes]:
+def verify(directory: Path, recorded: dict[str, str], where: str) -> dict[str, bytes]:
     """The bytes of the published files, each checked against its recorded sha256.
 
     Only the format's own files are ever opened, whatever else the record or
     the directory holds; the bytes that were hashed are the bytes that get
-    parsed, so nothing can change between the check and the load.
+    parsed, so nothing can change between the check and the load. The
+    weights' header is read first, from the file's first bytes, and compared
+    with the architecture ``encoder.json`` declares: a weights file that does
+    not fit it is refused before its body is read, and the body is read only
+    up to the size the declared tensors take.
     """
-    blobs = {}
     for name in FILES:
-        want = expected.get(name)
-        if not want:
+        if not recorded.get(name):
             raise EncoderLoadError(f"{where}: no recorded sha256 for {name}: not a medssl encoder, or published without hashes")
-        path = directory / name
-        if not path.is_file():
+        if not (directory / name).is_file():
             raise EncoderLoadError(f"{where}: artifact {name} is missing")
-        documents.check_size(path.stat().st_size, name, where, MAX_BYTES[name])
-        blobs[name] = path.read_bytes()
-        got = hashlib.sha256(blobs[name]).hexdigest()
-        if got != want:
-            raise EncoderLoadError(f"{where}: artifact {name} does not match its recorded sha256 "
-                                   f"(recorded {want[:12]}..., found {got[:12]}...): it changed after publishing; refusing to load it")
+    blobs = {ARCH: _checked(documents.read_file(directory / ARCH, ARCH, where), ARCH, recorded[ARCH], where)}
+    declared = _declared(blobs[ARCH], where)
+    header_bytes, saved = expected.read_header(directory / WEIGHTS, WEIGHTS, where)
+    _check_fit(declared, saved, where)
+    cap = header_bytes + expected.body_bytes(declared)
+    blobs[WEIGHTS] = _checked(documents.read_file(directory / WEIGHTS, WEIGHTS, where, cap), WEIGHTS, recorded[WEIGHTS], where)
     extra = sorted(p.name for p in directory.iterdir() if p.name not in FILES and p.name != HASHES)
     if extra:
         log.warning("%s: ignoring files that were not published with the encoder: %s", where, ", ".join(extra))
     return blobs
+
+
+def _checked(data: bytes, name: str, want: str, where: str) -> bytes:
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise EncoderLoadError(f"{where}: artifact {name} does not match its recorded sha256 "
+                               f"(recorded {want[:12]}..., found {got[:12]}...): it changed after publishing; refusing to load it")
+    return data
+
+
+def _architecture(arch_json: bytes, where: str) -> tuple[str, dict[str, Any]]:
+    """(encoder name, its settings) from ``encoder.json``'s bytes, checked for schema, format and a known name."""
+    from medssl_scale.models import ENCODERS
+
+    meta = documents.parse(arch_json, documents.EncoderDocument, ARCH, where)
+    if meta.format != FORMAT:
+        raise RegistryFormatError(f"{where}: {ARCH} has format {meta.format[:100]!r}; this version reads {FORMAT!r}")
+    arch = dict(meta.architecture)
+    name = arch.pop("name", None)
+    if name not in ENCODERS.names():
+        raise RegistryFormatError(f"{where}: unknown architecture {str(name)[:100]!r} in {ARCH}; known: {', '.join(ENCODERS.names())}")
+    return name, arch
+
+
+def _declared(arch_json: bytes, where: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    name, arch = _architecture(arch_json, where)
+    return expected.declared_state(name, arch, where, ARCH)
+
+
+def _check_fit(declared: dict[str, tuple[tuple[int, ...], str]], saved: dict[str, tuple[tuple[int, ...], str]], where: str) -> None:
+    problems = expected.mismatches(declared, saved)
+    if problems:
+        raise EncoderLoadError(f"{where}: the weights in {WEIGHTS} do not fit the architecture in {ARCH}" + problems)
 
 
 def read(blobs: dict[str, bytes], where: str, in_channels: int | None = None) -> nn.Module:
@@ -111,20 +138,11 @@ def read(blobs: dict[str, bytes], where: str, in_channels: int | None = None) ->
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from medssl_scale.models import ENCODERS, build_encoder
+    from medssl_scale.models import build_encoder
 
-    meta = documents.parse(blobs[ARCH], documents.EncoderDocument, ARCH, where)
-    if meta.format != FORMAT:
-        raise RegistryFormatError(f"{where}: {ARCH} has format {meta.format[:100]!r}; this version reads {FORMAT!r}")
-    arch = dict(meta.architecture)
-    name = arch.pop("name", None)
-    if name not in ENCODERS.names():
-        raise RegistryFormatError(f"{where}: unknown architecture {str(name)[:100]!r} in {ARCH}; known: {', '.join(ENCODERS.names())}")
+    name, arch = _architecture(blobs[ARCH], where)
     # The declared network's tensors against the weights' header, before either is allocated.
-    declared = expected.declared_state(name, arch, where, ARCH)
-    problems = expected.mismatches(declared, expected.header(blobs[WEIGHTS], WEIGHTS, where))
-    if problems:
-        raise EncoderLoadError(f"{where}: the weights in {WEIGHTS} do not fit the architecture in {ARCH}" + problems)
+    _check_fit(expected.declared_state(name, arch, where, ARCH), expected.header(blobs[WEIGHTS], WEIGHTS, where), where)
     try:
         state = load(blobs[WEIGHTS])
     except (SafetensorError, ValueError, RuntimeError) as e:
