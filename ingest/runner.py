@@ -46,6 +46,10 @@ from medssl_scale.store.summary import summarize
 from medssl_scale.store.volumes import VolumeLayout, label_store, volume_store
 
 
+# Settings pinned later than others, as a dataset pinned before them was ingested.
+PINNED_BEFORE = {"follow_symlinks": False}
+
+
 class OutputError(RuntimeError):
     """The dataset directory cannot be written, is not ours, or another run holds it."""
 
@@ -83,6 +87,8 @@ class IngestConfig:
             "codec": self.codec,
             "shard_shape": self.shard,
             "shard_codec": self.shard_codec,
+            # Which linked items exist: a resume without it would turn their ok records into skipped ones.
+            "follow_symlinks": self.follow_symlinks,
         }
 
 
@@ -193,7 +199,7 @@ def _check_output(ds: DatasetDir, settings: dict[str, Any]) -> None:
     if not os.access(ds.root, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write the dataset directory {ds.root}: permission denied")
     if ds.settings.exists():
-        have = json.loads(ds.settings.read_text())
+        have = {**PINNED_BEFORE, **json.loads(ds.settings.read_text())}
         if have.get("secret_fingerprint") != settings["secret_fingerprint"]:
             raise OutputError(
                 f"{ds.root} was ingested with a different site secret (fingerprint {have.get('secret_fingerprint')}, "

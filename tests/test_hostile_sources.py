@@ -375,3 +375,34 @@ def test_a_dicom_file_linked_from_outside_never_reaches_the_dataset(tmp_path):
     assert rec.status == "failed" and "outside the source folder" in rec.reason
     with pytest.raises(FailedInput, match="pipe"):  # stat first: opening it would block
         scan_header(src / "series" / "pipe.dcm")
+
+
+def test_follow_symlinks_is_pinned_with_the_dataset(tmp_path):
+    """A resume without --follow-symlinks would turn the linked item's ok record into skipped
+    and orphan its array: the setting is pinned and a change refused before anything is written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _good(outside / "vol.nii.gz", seed=3)
+    src = tmp_path / "src"
+    src.mkdir()
+    _good(src / "own.nii.gz")
+    (src / "linked.nii.gz").symlink_to(outside / "vol.nii.gz")
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out), "--follow-symlinks")
+    ds = DatasetDir(out)
+    assert json.loads(ds.settings.read_text())["follow_symlinks"] is True
+    assert _records(out)["src/linked.nii.gz"].status == "ok"
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file() and "logs" not in f.parts}
+    res = run_cli("ingest", str(src), "--out", str(out), "--resume", "--no-progress", check=False, timeout=TIMEOUT)
+    assert res.returncode != 0 and "follow_symlinks True (now False)" in res.stderr + res.stdout
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file() and "logs" not in f.parts} == before
+    _ingest(str(src), "--out", str(out), "--resume", "--follow-symlinks")  # the same setting: fine
+    assert _records(out)["src/linked.nii.gz"].status == "ok"
+
+    # A dataset pinned before the setting existed was ingested without it.
+    settings = json.loads(ds.settings.read_text())
+    del settings["follow_symlinks"]
+    ds.settings.write_text(json.dumps(settings))
+    res = run_cli("ingest", str(src), "--out", str(out), "--resume", "--follow-symlinks", "--no-progress",
+                  check=False, timeout=TIMEOUT)
+    assert res.returncode != 0 and "follow_symlinks False (now True)" in res.stderr + res.stdout
