@@ -406,3 +406,16 @@ def test_follow_symlinks_is_pinned_with_the_dataset(tmp_path):
     res = run_cli("ingest", str(src), "--out", str(out), "--resume", "--follow-symlinks", "--no-progress",
                   check=False, timeout=TIMEOUT)
     assert res.returncode != 0 and "follow_symlinks False (now True)" in res.stderr + res.stdout
+
+
+def test_partitions_must_agree_on_follow_symlinks(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for seed in (1, 2):
+        _good(src / f"v{seed}.nii.gz", seed=seed)
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out), "--partition", "0/2", "--follow-symlinks")
+    _ingest(str(src), "--out", str(out), "--partition", "1/2")
+    res = run_cli("ingest", "--out", str(out), "--finalize", "2", "--no-progress", check=False, timeout=TIMEOUT)
+    assert res.returncode != 0 and "follow_symlinks" in res.stderr and "other settings" in res.stderr
+    assert not DatasetDir(out).manifest.exists()  # nothing merged
