@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,21 @@ def check_arrays(store: ArrayStore, name: str, rehash: bool) -> tuple[set[str], 
     return sound, problems
 
 
+def _disagreements(r: ManifestRecord, vols: ArrayStore) -> list[str]:
+    """Where a sound stored volume and its manifest record disagree: shape, data type, spacing."""
+    meta, where = vols.meta(r.volume_id), f"volumes.zarr/{r.volume_id}"
+    out = []
+    shape = list(reversed(meta["shape"]))
+    if shape != r.shape:
+        out.append(f"{r.source}: {where} has shape {shape}, the manifest says {r.shape}")
+    if r.dtype is not None and meta["data_type"] != r.dtype:
+        out.append(f"{r.source}: {where} holds {meta['data_type']}, the manifest says {r.dtype}")
+    spacing = meta.get("attributes", {}).get("spacing")
+    if r.spacing is not None and (spacing is None or not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(spacing, r.spacing))):
+        out.append(f"{r.source}: {where} has spacing {spacing}, the manifest says {r.spacing}")
+    return out
+
+
 def check_dataset(ds: DatasetDir, verify_checksums: bool = True, records: list[ManifestRecord] | None = None) -> list[str]:
     """Everything that disagrees between manifest, Zarr stores and shard index, and every file that is not as written.
 
@@ -68,8 +84,8 @@ def check_dataset(ds: DatasetDir, verify_checksums: bool = True, records: list[M
         ok_ids.add(r.volume_id)
         if r.volume_id not in stored:
             problems.append(f"{r.source}: volume {r.volume_id} is in the manifest but not in volumes.zarr")
-        elif r.volume_id in sound and list(vols.shape(r.volume_id)) != r.shape:
-            problems.append(f"{r.source}: volumes.zarr/{r.volume_id} has shape {list(vols.shape(r.volume_id))}, the manifest says {r.shape}")
+        elif r.volume_id in sound:
+            problems += _disagreements(r, vols)
         if r.has_label:
             labelled.add(r.volume_id)
             if not labs.exists(r.volume_id):
@@ -151,11 +167,13 @@ def main(args: argparse.Namespace) -> int:
 def execute(dataset: Path, thumbnails: Path | None = None, verify: bool = True, as_json: bool = False) -> int:
     """Print the summary and any problems; 0 when the dataset is sound."""
     from rich.console import Console
+    from rich.text import Text
 
+    # Names and reasons come from the dataset: printed as plain text, never as Rich markup.
     out, err = Console(), Console(stderr=True)
     ds = DatasetDir(dataset)
     if not ds.manifest.exists():
-        err.print(f"[red]medssl inspect: {ds.root} is not a dataset directory (no manifest.jsonl)")
+        err.print(Text(f"medssl inspect: {ds.root} is not a dataset directory (no manifest.jsonl)", style="red"))
         return 2
     records, problems = load_records(ds)
     summary = summarize(ds, sorted(records, key=lambda r: (r.source, r.kind)))
@@ -165,11 +183,11 @@ def execute(dataset: Path, thumbnails: Path | None = None, verify: bool = True, 
     else:
         out.print(render(summary, title=str(ds.root)))
         for p in problems:
-            err.print(f"[red]problem: {p}")
+            err.print(Text(f"problem: {p}", style="red"))
         if not problems:
-            out.print(f"[green]{'volume and shard checksums verified; ' if verify else ''}manifest, volumes and shard index agree")
+            out.print(Text(f"{'volume and shard checksums verified; ' if verify else ''}manifest, volumes and shard index agree", style="green"))
     if thumbnails:
         paths = write_thumbnails(ds, thumbnails)
         if not as_json:
-            out.print(f"{len(paths)} thumbnails in {thumbnails}")
+            out.print(Text(f"{len(paths)} thumbnails in {thumbnails}"))
     return 1 if problems else 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +18,7 @@ from medssl_scale.data.catalog import Catalog
 from medssl_scale.data.crops import VolumeAccess
 from medssl_scale.inspect import execute
 from medssl_scale.store.chunks import VolumeReader
-from medssl_scale.store.integrity import VolumeError
+from medssl_scale.store.integrity import VolumeError, metadata_digest, seal
 from medssl_scale.store.layout import DatasetDir
 from medssl_scale.store.manifest import TornManifestError, read_manifest
 from medssl_scale.store.volumes import volume_store
@@ -216,3 +218,183 @@ def test_an_invalid_shard_index_is_a_problem_not_a_crash(ds, inspect):
     ds.shard_index.write_text('{"format": "medssl-shards/1", "samples": 1, "shards": [{"name": "../../x.tar"}]}')
     rc, err = inspect(ds, quick=True)
     assert rc == 1 and "shards/index.json" in err
+
+
+# -- the array metadata itself -------------------------------------------------------
+
+
+def _edit_meta(array: Path, edit) -> None:
+    meta = json.loads((array / "zarr.json").read_text())
+    edit(meta)
+    (array / "zarr.json").write_text(json.dumps(meta))
+
+
+def _inner_codecs(meta: dict) -> list:
+    return meta["codecs"][0]["configuration"]["codecs"]
+
+
+_META_EDITS = {
+    "data_type": lambda m: m.update(data_type="uint16"),
+    "fill_value": lambda m: m.update(fill_value=5),
+    "endian": lambda m: _inner_codecs(m)[0].update(configuration={"endian": "big"}),
+    "spacing": lambda m: m["attributes"].update(spacing=[9.0, 9.0, 9.0]),
+    "origin": lambda m: m["attributes"].update(origin=[o + 1.0 for o in m["attributes"]["origin"]]),
+    "stats": lambda m: m["attributes"].update(stats={k: v + 1 for k, v in m["attributes"]["stats"].items()}),
+}
+
+
+@pytest.mark.parametrize("field", sorted(_META_EDITS))
+def test_changed_array_metadata_is_caught_by_readers_and_inspect(ds, field, inspect):
+    """zarr.json is sealed too: a changed data type, fill value, byte order or geometry is never read as data."""
+    vid, array = _first_volume(ds)
+    _edit_meta(array, _META_EDITS[field])
+    where = f"volumes.zarr/{vid}/zarr.json"
+    with pytest.raises(VolumeError, match=where):
+        VolumeReader(array)
+    with pytest.raises(VolumeError, match=where):
+        volume_store(ds).read(vid)
+    with pytest.raises(VolumeError, match=where):
+        volume_store(ds).attrs(vid)
+    catalog_error = None
+    try:
+        catalog = Catalog.load(ds.root)
+        VolumeAccess(catalog, 16).read(catalog.index(vid), ((0, 0, 0), (4, 4, 4)))
+    except (VolumeError, ValueError) as e:
+        catalog_error = str(e)
+    assert catalog_error and where in catalog_error
+    for quick in (False, True):
+        rc, err = inspect(ds, quick=quick)
+        assert rc == 1 and f"{where}: " in err, err
+
+
+def test_inspect_compares_data_type_and_spacing_with_the_manifest(ds, inspect):
+    """Even with its metadata sealed again (a forger's edit), a volume that disagrees with its record is reported."""
+    vid, array = _first_volume(ds)
+
+    def forge(m):
+        m["data_type"], m["attributes"]["spacing"] = "uint16", [9.0, 9.0, 9.0]
+        m["attributes"]["checksums"]["metadata"] = metadata_digest(m)
+
+    _edit_meta(array, forge)
+    rc, err = inspect(ds, quick=True)
+    assert rc == 1
+    assert f"volumes.zarr/{vid} holds uint16, the manifest says int16" in err
+    assert f"volumes.zarr/{vid} has spacing [9.0, 9.0, 9.0], the manifest says" in err
+
+
+@pytest.mark.parametrize("edit,cause", [
+    (lambda m: _inner_codecs(m).__setitem__(1, {"name": "numcodecs.lzma", "configuration": {}}), "'numcodecs.lzma' is not one the store writes"),
+    (lambda m: _inner_codecs(m).insert(1, {"name": "gzip", "configuration": {"level": 1}}), "at most one compressor"),
+    (lambda m: _inner_codecs(m).__setitem__(1, {"name": "numcodecs.bz2", "configuration": {"level": 9}}), "'numcodecs.bz2' is not one the store writes"),
+    (lambda m: _inner_codecs(m).__setitem__(1, {"name": "numcodecs.zfpy", "configuration": {"mode": 4}}), "'numcodecs.zfpy' is not one the store writes"),
+    (lambda m: _inner_codecs(m).insert(0, {"name": "transpose", "configuration": {"order": [2, 1, 0]}}), "codec 'transpose' first"),
+    (lambda m: _inner_codecs(m)[1]["configuration"].update(cname="zlib"), "blosc 'zlib'"),
+    (lambda m: _inner_codecs(m)[1]["configuration"].update(clevel=99), "clevel 99"),
+    (lambda m: _inner_codecs(m)[1]["configuration"].update(extra=1), "settings \\['extra'\\]"),
+    (lambda m: m["codecs"][0]["configuration"].update(index_location="start"), "shard index at 'start'"),
+    (lambda m: m.update(storage_transformers=[{"name": "x"}]), "storage transformers"),
+    (lambda m: m.update(must_understand_me={}), "metadata fields \\['must_understand_me'\\]"),
+])
+def test_only_the_codecs_the_store_writes_are_accepted(ds, edit, cause, inspect):
+    vid, array = _first_volume(ds)
+    _edit_meta(array, edit)
+    with pytest.raises(VolumeError, match=f"volumes.zarr/{vid}/zarr.json: .*{cause}"):
+        VolumeReader(array)
+    rc, err = inspect(ds, quick=True)
+    assert rc == 1 and f"volumes.zarr/{vid}/zarr.json" in err
+
+
+@pytest.mark.parametrize("name", ["gzip", "zstd"])
+def test_a_chunk_that_inflates_past_its_shape_is_refused(tmp_path, name):
+    """A crafted chunk (valid crc32c, sealed) that decompresses to far more than a chunk holds: no bomb."""
+    import numcodecs
+    import zarr
+    from zarr.codecs import Crc32cCodec, GzipCodec, ZstdCodec
+
+    array = tmp_path / "a"
+    z = zarr.create_array(str(array), shape=(8, 8, 8), dtype="int16", chunks=(8, 8, 8),
+                          compressors=[GzipCodec() if name == "gzip" else ZstdCodec(), Crc32cCodec()])
+    z[...] = 1
+    big = np.zeros(64 << 20, dtype=np.uint8)  # 64 MiB where the chunk holds 1 KiB
+    packed = numcodecs.GZip(level=1).encode(big) if name == "gzip" else numcodecs.Zstd(level=1).encode(big)
+    (array / "c" / "0" / "0" / "0").write_bytes(bytes(numcodecs.CRC32C().encode(packed)))
+    seal(array)
+    with pytest.raises(VolumeError, match=f"a/c/0/0/0: corrupt chunk"):
+        VolumeReader(array).box((0, 0, 0), (8, 8, 8))
+
+
+# -- special files and links in place of array files ---------------------------------
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging: a blocked open() is interrupted by the alarm."""
+    def alarm(*_):
+        raise TimeoutError("blocked on a dataset file")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("plant", ["fifo", "fifo-listed-empty", "link", "linked-folder"])
+def test_fifos_and_links_in_an_array_are_refused_not_waited_on(ds, plant, no_hang, inspect, tmp_path):
+    vid, array = _first_volume(ds)
+    shard = array / "c" / "0" / "0" / "0"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if plant.startswith("fifo"):
+        shard.unlink()
+        os.mkfifo(shard)
+        if plant == "fifo-listed-empty":  # the record says 0 bytes: a FIFO's size
+            _edit_meta(array, lambda m: m["attributes"]["checksums"]["files"]["c/0/0/0"].update(bytes=0))
+        cause = "malformed checksum" if plant == "fifo-listed-empty" else "c/0/0/0: not a regular file"
+    elif plant == "link":  # the same bytes, through a link: the store writes none
+        shutil.move(shard, outside / "0")
+        shard.symlink_to(outside / "0")
+        cause = "c/0/0/0: a symlink"
+    else:
+        shutil.move(array / "c" / "0", outside / "0")
+        (array / "c" / "0").symlink_to(outside / "0")
+        cause = "c/0/0/0: '0' on its way is a link"
+    whole = ((0, 0, 0), tuple(reversed(SHAPE)))
+    with pytest.raises(VolumeError, match=cause):
+        VolumeReader(array).box(*whole)
+    with pytest.raises(VolumeError, match=cause):
+        volume_store(ds).read(vid)
+    for quick in (False, True):
+        rc, err = inspect(ds, quick=quick)
+        assert rc == 1 and cause.replace("\\", "") in err, err
+
+
+def test_a_fifo_in_place_of_zarr_json_is_refused(ds, no_hang, inspect):
+    vid, array = _first_volume(ds)
+    (array / "zarr.json").unlink()
+    os.mkfifo(array / "zarr.json")
+    with pytest.raises(VolumeError, match=f"{vid}/zarr.json: not a regular file"):
+        VolumeReader(array)
+    rc, err = inspect(ds, quick=True)
+    assert rc == 1 and f"{vid}/zarr.json: not a regular file" in err
+
+
+# -- dataset text is printed, never interpreted ---------------------------------------
+
+
+def test_names_and_reasons_from_the_manifest_are_printed_as_text(ds, capsys, monkeypatch):
+    """A source like 'scan[/x].nii' crashed inspect (Rich MarkupError); '[black on black]' could hide a problem."""
+    monkeypatch.setenv("COLUMNS", "400")
+    hostile = [
+        {"source": "scan[/x].nii", "status": "ok", "volume_id": "v" + "f" * 19, "shape": [1, 1, 1]},
+        {"source": "[black on black]hidden[/]", "status": "failed", "reason": "bad [/x] file"},
+        {"source": "s.nii", "status": "skipped", "reason": "[bold]odd[/bold] [/]"},
+    ]
+    with ds.manifest.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in hostile)
+    capsys.readouterr()
+    rc = execute(ds.root, verify=False)
+    out = capsys.readouterr()
+    assert rc == 1
+    assert f"problem: scan[/x].nii: volume v{'f' * 19} is in the manifest but not in volumes.zarr" in out.err
+    assert "[black on black]hidden[/]" in out.out and "bad [/x] file" in out.out
+    assert "[bold]odd[/bold] [/]" in out.out

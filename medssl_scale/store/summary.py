@@ -46,7 +46,7 @@ def summarize(ds: DatasetDir, records: list[ManifestRecord] | None = None) -> di
         "by_modality": {k: dict(v) for k, v in sorted(by_modality.items())},
         "labels": dict(Counter(r.status for r in labels)),
         "volumes": len(ok),
-        "labelled_volumes": sum(r.has_label for r in ok),
+        "labelled_volumes": sum(bool(r.has_label) for r in ok),
         "patients": len({r.patient for r in ok if r.patient}),
         "voxels": sum(_prod(r.shape) for r in ok),
         "bytes_in": sum(r.source_bytes or 0 for r in images),
@@ -79,12 +79,13 @@ def render(summary: dict[str, Any], title: str = "dataset") -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(title=title, show_lines=False)
+    # Everything that comes from a dataset or a path (title, names, reasons) is Text: never read as Rich markup.
+    t = Table(title=Text(title), show_lines=False)
     t.add_column("modality")
     for s in ("ok", "skipped", "failed"):
         t.add_column(s, justify="right")
     for mod, counts in summary["by_modality"].items():
-        t.add_row(mod, *(str(counts.get(s, 0)) for s in ("ok", "skipped", "failed")))
+        t.add_row(Text(mod), *(str(counts.get(s, 0)) for s in ("ok", "skipped", "failed")))
     st = summary["by_status"]
     t.add_row("[b]all images", *(f"[b]{st.get(s, 0)}" for s in ("ok", "skipped", "failed")))
     lab = summary["labels"]
@@ -116,7 +117,7 @@ def render(summary: dict[str, Any], title: str = "dataset") -> Any:
         s.add_column("count", justify="right")
         s.add_column("reason", overflow="fold")
         for reason, n in summary["skipped_reasons"].items():
-            s.add_row(str(n), reason or "")
+            s.add_row(str(n), Text(reason or ""))
         parts.append(s)
     return Group(*parts)
 
