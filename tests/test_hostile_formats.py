@@ -49,7 +49,7 @@ def _nifti_with_offset(path: Path, offset: float, cls=nib.Nifti1Image, volume=No
 
 
 @pytest.mark.parametrize("cls", [nib.Nifti1Image, nib.Nifti2Image])
-@pytest.mark.parametrize("name, extender", [("v.nii", True), ("v.nii", False), ("v.nii.gz", True)])
+@pytest.mark.parametrize("name, extender", [("v.nii", True), ("v.nii", False), ("v.nii.gz", True), ("v.nii.gz", False)])
 def test_vox_offset_inside_the_header_is_read_after_it_with_a_warning(tmp_path: Path, cls, name, extender) -> None:
     from medssl_scale.io.nibabel_io import read_nibabel
 
@@ -63,13 +63,12 @@ def test_vox_offset_inside_the_header_is_read_after_it_with_a_warning(tmp_path: 
     assert f"vox_offset 0 lies inside the {cls(expected, AXIAL).header.sizeof_hdr}-byte header" in warning
 
 
-def test_vox_offset_beyond_the_file_or_too_deep_in_a_gzip_fails_fast(tmp_path: Path, monkeypatch) -> None:
+def test_vox_offset_beyond_the_file_or_too_deep_in_a_gzip_fails_fast(tmp_path: Path) -> None:
     import time
 
-    from medssl_scale.io import nibabel_io
     from medssl_scale.io.nibabel_io import read_nibabel
 
-    monkeypatch.setattr(nibabel_io, "MAX_HEADER_BYTES", 1 << 20)  # keeps the test small
+    small = Limits(max_header_bytes=1 << 20)  # keeps the test small
 
     _nifti_with_offset(tmp_path / "far.nii", 4e9)
     with pytest.raises(FailedInput, match=r"vox_offset \(4,000,000,000\) lies beyond the end of the file"):
@@ -84,11 +83,77 @@ def test_vox_offset_beyond_the_file_or_too_deep_in_a_gzip_fails_fast(tmp_path: P
     (tmp_path / "deep.nii.gz").write_bytes(gzip.compress(bytes(raw), compresslevel=1))
     start = time.perf_counter()
     with pytest.raises(FailedInput, match="bytes to decompress, over the 1,048,576 bytes allowed"):
-        read_nibabel(tmp_path / "deep.nii.gz")
+        read_nibabel(tmp_path / "deep.nii.gz", small)
     assert time.perf_counter() - start < 0.5
     _nifti_with_offset(tmp_path / "neg.nii", -400)
     with pytest.raises(FailedInput, match="vox_offset is negative"):
         read_nibabel(tmp_path / "neg.nii")
+
+
+def _extended_nifti(path: Path, offset: float, extensions: list[tuple[int, int]], tail: int = 0) -> None:
+    """A NIfTI-1 file (``.nii.gz`` or ``.hdr.gz``) with the extension flag set and ``extensions``:
+    (declared esize, bytes of content written) each; then ``tail`` zero bytes."""
+    single = ".nii" in path.name
+    img = (nib.Nifti1Image if single else nib.Nifti1Pair)(ct_volume(), AXIAL)
+    raw = bytearray(img.header.binaryblock)
+    raw[108:112] = np.array(offset, "<f4").tobytes()
+    with gzip.open(path, "wb", compresslevel=1) as g:
+        g.write(bytes(raw) + b"\x01\0\0\0")
+        for esize, content in extensions:
+            g.write(np.array([esize, 6], "<i4").tobytes() + b"A" * content)
+        g.write(bytes(tail))
+    if not single:
+        (path.parent / path.name.replace(".hdr.gz", ".img")).write_bytes(ct_volume().tobytes("F"))
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    "name, offset, extensions, reason",
+    [
+        # One extension claiming 400 MiB in a header room of 16 bytes: nibabel trusts the claim.
+        ("room.nii.gz", 368, [(400 * MiB, 8 * MiB)], r"extension 1 \(419,430,400 bytes\) runs past the vox_offset"),
+        # vox_offset inside the header: nibabel reads extensions to the end of the decompressed file.
+        ("zero.nii.gz", 0, [(8 * MiB, 8 * MiB - 8)], "extension flag is set but its vox_offset"),
+        # A pair's header is read to its end: the cap holds there.
+        ("pair.hdr.gz", 0, [(8 * MiB, 8 * MiB - 8)], r"runs past the 1,048,576 bytes allowed"),
+        # A size under 8 makes nibabel read "the rest of the file" for the content.
+        ("neg.hdr.gz", 0, [(0, 8 * MiB)], "declares a size of 0 bytes"),
+        ("many.hdr.gz", 0, [(16, 8)] * 1100, "more than 1,024 extensions"),
+    ],
+)
+def test_nifti_extensions_cannot_make_nibabel_decompress_past_the_header_cap(
+    tmp_path: Path, name, offset, extensions, reason
+) -> None:
+    import time
+
+    from medssl_scale.io.nibabel_io import read_nibabel
+
+    path = tmp_path / name
+    _extended_nifti(path, offset, extensions, tail=4096)
+    assert path.stat().st_size < MiB
+    start = time.perf_counter()
+    tracemalloc.start()
+    try:
+        with pytest.raises(FailedInput, match=reason):
+            read_nibabel(path, Limits(max_header_bytes=MiB))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * MiB  # nibabel alone holds every declared extension: 8 MiB and more
+    assert time.perf_counter() - start < 1.0
+
+
+def test_nifti_with_a_real_extension_reads(tmp_path: Path) -> None:
+    from medssl_scale.io.nibabel_io import read_nibabel
+
+    volume = ct_volume()
+    for name, cls in (("e.nii.gz", nib.Nifti1Image), ("e.hdr.gz", nib.Nifti1Pair), ("e2.nii", nib.Nifti2Image)):
+        img = cls(volume, AXIAL)
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment" * 100))
+        nib.save(img, tmp_path / name)
+        np.testing.assert_array_equal(read_nibabel(tmp_path / name).array, volume)
 
 
 # ---------------------------------------------------------------- legacy and deflated DICOM
@@ -130,10 +195,8 @@ def test_deflated_header_scan_inflates_only_the_header(tmp_path: Path) -> None:
     assert peak < 16 << 20  # pydicom alone inflates all 128 MiB
 
 
-def test_deflated_pixels_never_inflate_beyond_what_the_header_declares(tmp_path: Path, monkeypatch) -> None:
-    import medssl_scale.io.dicom as dicom
-
-    monkeypatch.setattr(dicom, "HEADER_INFLATE_LIMIT", 1 << 20)  # keeps the test small
+def test_deflated_pixels_never_inflate_beyond_what_the_header_declares(tmp_path: Path) -> None:
+    small = Limits(max_header_bytes=1 << 20)  # keeps the test small
     volume = ct_volume()
     paths = write_series(tmp_path / "ok", volume, AXIAL, transfer_syntax=DeflatedExplicitVRLittleEndian)
     np.testing.assert_array_equal(read(paths).array, volume)
@@ -144,7 +207,39 @@ def test_deflated_pixels_never_inflate_beyond_what_the_header_declares(tmp_path:
     tracemalloc.start()
     try:
         with pytest.raises(FailedInput, match="deflated data set inflates to more than"):
-            read(paths)
+            read(paths, small)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def _without_preamble(path: Path) -> Path:
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"
+    out = path.with_name("np-" + path.name)
+    out.write_bytes(data[132:])  # the group-0002 file meta now starts at byte 0
+    return out
+
+
+def test_deflated_file_without_a_preamble_is_inflated_within_the_cap(tmp_path: Path) -> None:
+    volume = ct_volume()
+    paths = write_series(tmp_path / "ok", volume, AXIAL, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    bare = [_without_preamble(p) for p in paths]
+    for p in paths:
+        p.unlink()
+    assert scan_header(bare[0]).has_pixel_data
+    np.testing.assert_array_equal(read(bare).array, volume)
+    # A header element of 64 MiB of zeros: a few kB on disk; pydicom, forced, inflates it whole.
+    ds = pydicom.dcmread(bare[0], force=True)
+    ds.ImageComments = "A" * (64 << 20)
+    ds.save_as(paths[0], enforce_file_format=True)
+    bomb = _without_preamble(paths[0])
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(FailedInput, match="deflated header inflates to more than 1,048,576 bytes"):
+            scan_header(bomb, Limits(max_header_bytes=1 << 20))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

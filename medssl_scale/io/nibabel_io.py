@@ -1,6 +1,6 @@
 """Everything nibabel reads: NIfTI-1/2 (``.nii``, ``.nii.gz``, ``.hdr``/``.img``
-pairs), Analyze, MGH/MGZ, MINC (MINC2 only with the optional h5py), PAR/REC and
-AFNI BRIK/HEAD.
+pairs), Analyze, MGH/MGZ, MINC (MINC2 only with the optional h5py, and only
+when its HDF5 names no other file), PAR/REC and AFNI BRIK/HEAD.
 
 nibabel parses the header on load and touches voxels only when asked, so the
 shape is checked against the limits and the file size against the header
@@ -16,6 +16,7 @@ import re
 import warnings
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -31,6 +32,7 @@ from medssl_scale.io.types import (
     Limits,
     RawVolume,
     SkippedInput,
+    not_enough_memory,
     reader_errors,
 )
 
@@ -223,7 +225,7 @@ def _read_error(e: Exception) -> FailedInput:
     if isinstance(e, FileNotFoundError):
         return FailedInput("data file missing: the header's companion data file is not beside it")
     if isinstance(e, MemoryError):
-        return FailedInput("not enough memory to hold the image the header declares")
+        return not_enough_memory("to hold the image the header declares")
     return FailedInput(f"voxel data unreadable or corrupt ({type(e).__name__})")
 
 
@@ -265,14 +267,81 @@ def _check_candidate_files(path: Path, root: SourceRoot) -> None:
                     root.check(name, "its data file")
 
 
-# Header and extensions of a compressed NIfTI are decompressed before the
-# first voxel: a vox_offset past this is refused before anything is read.
-MAX_HEADER_BYTES = 64 << 20
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(path: Path) -> bool:
+    """The HDF5 signature at 0 or at any power of two from 512 (where a user block ends)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        offset = 0
+        while offset + len(_HDF5_SIGNATURE) <= size:
+            f.seek(offset)
+            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+def _hdf5_storage_refusal(path: Path) -> str | None:
+    """Why h5py would read bytes of other files for this HDF5 file, or None.
+
+    HDF5 keeps a dataset's raw data in external files, maps virtual datasets
+    onto other files, and follows external links: h5py honours all three,
+    with paths the file itself names."""
+    try:
+        import h5py
+    except ImportError:
+        return "a MINC2 (HDF5) file: reading it needs the optional package h5py, which is not installed"
+    found: list[str] = []
+
+    def visit(name: str, link) -> None:
+        if isinstance(link, h5py.ExternalLink):
+            found.append("an external link to another file")
+            return
+        obj = f.get(name) if isinstance(link, h5py.HardLink) else None
+        if isinstance(obj, h5py.Dataset):
+            if obj.is_virtual:
+                found.append("a virtual dataset (its data mapped from other files)")
+            elif obj.external:
+                found.append("a dataset stored in external files")
+
+    try:
+        with h5py.File(path, "r") as f:
+            if not hasattr(f, "visititems_links"):
+                return "a MINC2 (HDF5) file: the installed h5py is too old to check it for external storage"
+            f.visititems_links(visit)
+    except Exception as e:
+        return f"a MINC2 (HDF5) file that h5py cannot read ({type(e).__name__})"
+    if found:
+        return f"a MINC2 (HDF5) file holding {found[0]}: refusing to read outside the file"
+    return None
+
+
+def _check_minc2(path: Path) -> None:
+    """A MINC2 file is HDF5, which can make h5py read other files: only a self-contained one is read."""
+    if not path.name.lower().endswith(".mnc") or not _is_hdf5(path):
+        return  # MINC1 (netCDF) is read by nibabel's own parser, from the file alone
+    reason = _hdf5_storage_refusal(path)
+    if reason:
+        raise FailedInput(reason)
+
+
 _EXTENDER = 4  # the extension flag bytes every single-file NIfTI has after its header
+# nibabel keeps each extension as an object: millions of tiny ones would cost far more than their bytes.
+MAX_EXTENSIONS = 1024
 
 
-def _nifti_header(path: Path) -> tuple[int, bool, float] | None:
-    """(header size, single file?, vox_offset) of a NIfTI-1/2 header, or None when it is not one.
+class _NiftiHead(NamedTuple):
+    size: int  # sizeof_hdr: 348 (NIfTI-1) or 540 (NIfTI-2)
+    single: bool  # voxels in the same file (.nii), not a .hdr/.img pair
+    offset: float  # vox_offset as declared
+    extended: bool  # the extension flag says extensions follow the header
+    order: str  # the header's byte order, "<" or ">"
+
+
+def _nifti_header(path: Path) -> _NiftiHead | None:
+    """The NIfTI-1/2 header's layout, or None when it is not one.
 
     Read from the first bytes alone (decompressed when the name says so), so it
     can be judged before nibabel reads the extensions up to the offset.
@@ -289,59 +358,119 @@ def _nifti_header(path: Path) -> tuple[int, bool, float] | None:
             hdr = np.frombuffer(head[: dtype.itemsize], dtype=dtype.newbyteorder(order))[0]
             magic = bytes(hdr["magic"])[:3]
             if int(hdr["sizeof_hdr"]) == dtype.itemsize and magic in magics:
-                return dtype.itemsize, magic == magics[0], float(hdr["vox_offset"])
+                flag = head[dtype.itemsize: dtype.itemsize + _EXTENDER]
+                extended = len(flag) == _EXTENDER and flag[0] != 0  # nibabel's own test
+                return _NiftiHead(dtype.itemsize, magic == magics[0], float(hdr["vox_offset"]), extended, order)
     return None
 
 
-def _check_nifti_offset(path: Path) -> None:
+def _check_nifti_offset(path: Path, head: _NiftiHead, limits: Limits) -> None:
     """vox_offset must be a number inside the file, and cheap to reach in a compressed one."""
-    found = _nifti_header(path)
-    if found is None:
-        return
-    _, single, offset = found
+    offset = head.offset
     if not math.isfinite(offset) or offset < 0:
         raise FailedInput("header's vox_offset is negative or not a number")
-    if not single:
+    if not head.single:
         return  # the offset is into the .img: checked with its size after loading
     if path.name.lower().endswith(_COMPRESSED):
-        if offset > MAX_HEADER_BYTES:
+        if offset > limits.max_header_bytes:
             raise FailedInput(
                 f"header's vox_offset ({offset:,.0f}) puts the voxels behind {offset:,.0f} bytes to decompress, "
-                f"over the {MAX_HEADER_BYTES:,} bytes allowed for header and extensions"
+                f"over the {limits.max_header_bytes:,} bytes allowed for header and extensions"
             )
     elif offset > (size := os.path.getsize(path)):
         raise FailedInput(f"header's vox_offset ({offset:,.0f}) lies beyond the end of the file ({size:,} bytes)")
 
 
-def _check_compressed_offset(proxy) -> None:
+def _check_nifti_extensions(path: Path, head: _NiftiHead, limits: Limits) -> None:
+    """The extension chain nibabel will read into memory stays inside the header's room and the header cap.
+
+    nibabel trusts each extension's declared size, and reads a pair's header,
+    or a single file whose vox_offset lies inside its header, to the end of the
+    (decompressed) file. The chain is walked here first without holding it.
+    """
+    if not head.extended:
+        return
+    start = head.size + _EXTENDER
+    if head.single and head.offset < start:
+        raise FailedInput(
+            f"header's extension flag is set but its vox_offset ({head.offset:g}) leaves no room for extensions"
+        )
+    end = head.offset if head.single else None  # a pair's header holds extensions to its end
+    pos = start
+    with ImageOpener(str(path)) as f:
+        f.seek(pos)
+        for n in range(1, MAX_EXTENSIONS + 2):
+            if end is not None and end - pos < 16:  # where nibabel stops too
+                return
+            ext_def = f.read(8)
+            if len(ext_def) < 8:
+                return  # the end of a pair's header, or a cut one that nibabel reports
+            if n > MAX_EXTENSIONS:
+                raise FailedInput(f"header declares more than {MAX_EXTENSIONS:,} extensions")
+            esize = int(np.frombuffer(ext_def[:4], dtype=f"{head.order}i4")[0])
+            if esize < 8:  # nibabel would read a negative size as "to the end of the file"
+                raise FailedInput(f"header extension {n} declares a size of {esize} bytes, less than its own 8")
+            if end is not None and pos + esize > end:
+                raise FailedInput(
+                    f"header extension {n} ({esize:,} bytes) runs past the vox_offset ({end:,.0f}) into the voxels"
+                )
+            if pos + esize > limits.max_header_bytes:
+                raise FailedInput(
+                    f"header extension {n} ({esize:,} bytes) runs past the {limits.max_header_bytes:,} bytes "
+                    "allowed for header and extensions"
+                )
+            pos += esize
+            f.seek(pos)
+
+
+def _check_compressed_offset(proxy, limits: Limits) -> None:
     """A compressed data file (a pair's .img.gz included) is decompressed up to the offset: bound it."""
     if not isinstance(proxy, ArrayProxy) or not isinstance(proxy.file_like, str):
         return
-    if proxy.file_like.lower().endswith(_COMPRESSED) and int(proxy.offset) > MAX_HEADER_BYTES:
+    if proxy.file_like.lower().endswith(_COMPRESSED) and int(proxy.offset) > limits.max_header_bytes:
         raise FailedInput(
             f"header's vox_offset ({int(proxy.offset):,}) puts the voxels behind {int(proxy.offset):,} bytes to "
-            f"decompress, over the {MAX_HEADER_BYTES:,} bytes allowed for header and extensions"
+            f"decompress, over the {limits.max_header_bytes:,} bytes allowed for header and extensions"
         )
+
+
+def _stored_size(path: Path) -> int | None:
+    """The bytes a single-file NIfTI holds once decompressed, modulo 2**32; None where that is unknown.
+
+    A gzip file's trailer (ISIZE) says it without decompressing: exact below
+    4 GiB for a one-member file, and what one writer produces.
+    """
+    name = path.name.lower()
+    if not name.endswith(_COMPRESSED):
+        return os.path.getsize(path) % (1 << 32)
+    if not name.endswith(".gz") or os.path.getsize(path) < 18:  # a gzip member is at least 18 bytes
+        return None
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
 
 
 def _repair_data_offset(img, path: Path) -> tuple[object, list[str]]:
     """A single-file NIfTI whose vox_offset points into its own header is read from after the header.
 
-    Like nifticlib, which reads such a file from the end of the header, rather
-    than reading header bytes as voxels. Where the file's size shows whether the
-    4-byte extension flag sits between header and voxels, that decides; otherwise
-    the flag is assumed, as the standard requires it in every single file.
+    nifticlib raises such an offset to the header's size (348 for NIfTI-1) and
+    reads the voxels from there, rather than header bytes as voxels. We do the
+    same when the file's size (a .nii's size, a .nii.gz's gzip trailer) shows
+    that the voxels follow the header at once; otherwise we read them from after
+    the 4-byte extension flag, which the standard puts in every single file and
+    which is where a writer that left vox_offset unset put them.
     """
     proxy = img.dataobj
     if not isinstance(img, nib.Nifti1Image) or not isinstance(proxy, ArrayProxy):
         return img, []
     header_size = int(img.header.sizeof_hdr)
-    declared = float(img.header["vox_offset"])
+    # The offset the file declares: a loaded header with extensions reports 0 (nibabel recomputes it on save).
+    declared = int(proxy.offset)
     if declared >= header_size:
         return img, []
     offset = header_size + _EXTENDER
     data_bytes = math.prod(int(n) for n in proxy.shape) * np.dtype(proxy.dtype).itemsize
-    if not path.name.lower().endswith(_COMPRESSED) and os.path.getsize(path) == header_size + data_bytes:
+    if _stored_size(path) == (header_size + data_bytes) % (1 << 32):
         offset = header_size  # no extension flag in this file: the voxels follow the header at once
     fixed = ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, offset, proxy.slope, proxy.inter), order=proxy.order)
     warning = (
@@ -354,7 +483,11 @@ def _repair_data_offset(img, path: Path) -> tuple[object, list[str]]:
 def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     root.check(path)  # stat only: a FIFO is refused before nibabel opens it
     _check_candidate_files(path, root)
-    _check_nifti_offset(path)
+    _check_minc2(path)
+    head = _nifti_header(path)
+    if head is not None:
+        _check_nifti_offset(path, head, limits)
+        _check_nifti_extensions(path, head, limits)
     img = _load(path)
     _check_file_map(img, root)
     fmt = _FORMATS.get(type(img).__name__)
@@ -367,7 +500,7 @@ def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     _check_dtype(disk_dtype)
     img, notes = _repair_data_offset(img, path)
     _check_file_size(img.dataobj)
-    _check_compressed_offset(img.dataobj)
+    _check_compressed_offset(img.dataobj, limits)
     affine = _affine(img)
     try:
         array, scaled = _read_voxels(img, disk_dtype)

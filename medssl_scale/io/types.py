@@ -87,10 +87,15 @@ class Limits:
     a volume whose estimated need (voxels x :data:`PEAK_BYTES_PER_VOXEL`) is
     over it is refused up front, and the worker process runs under that cap
     (see ``ingest.pool``), so what the estimate misses fails cleanly too.
+
+    ``max_header_bytes`` bounds what a header costs before the first voxel:
+    the decompressed header and extensions of a NIfTI file (so its vox_offset
+    in a compressed file), and the inflated header of a deflated DICOM file.
     """
 
     max_voxels: int = 1_000_000_000
     max_memory: int | None = None
+    max_header_bytes: int = 64 << 20
 
     def check_shape(self, shape: tuple[int, ...], what: str = "header", verb: str = "declares") -> None:
         n = 1
