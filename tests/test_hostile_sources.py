@@ -419,3 +419,13 @@ def test_partitions_must_agree_on_follow_symlinks(tmp_path):
     res = run_cli("ingest", "--out", str(out), "--finalize", "2", "--no-progress", check=False, timeout=TIMEOUT)
     assert res.returncode != 0 and "follow_symlinks" in res.stderr and "other settings" in res.stderr
     assert not DatasetDir(out).manifest.exists()  # nothing merged
+
+
+@pytest.mark.parametrize("userblock", [0, 512])
+def test_minc2_hdf5_is_read_only_when_it_names_no_other_file(tmp_path, userblock):
+    """HDF5 can keep a dataset's bytes in other files (external storage, virtual datasets, external links).
+    Without h5py nothing can check that, and the file is refused; with it, this is not HDF5 h5py reads."""
+    path = tmp_path / "scan.mnc"
+    path.write_bytes(b"\0" * userblock + b"\x89HDF\r\n\x1a\n" + secrets.token_bytes(200))
+    with pytest.raises(FailedInput, match=r"MINC2 \(HDF5\)"):
+        read_nibabel(path)
