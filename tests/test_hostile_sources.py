@@ -429,3 +429,22 @@ def test_minc2_hdf5_is_read_only_when_it_names_no_other_file(tmp_path, userblock
     path.write_bytes(b"\0" * userblock + b"\x89HDF\r\n\x1a\n" + secrets.token_bytes(200))
     with pytest.raises(FailedInput, match=r"MINC2 \(HDF5\)"):
         read_nibabel(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_a_hard_link_owned_by_someone_else_is_noted_in_the_record(tmp_path):
+    """A hard link is the file itself, wherever its other names are: containment cannot refuse it, the record says so."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _good(elsewhere / "theirs.nii.gz", seed=5)
+    os.chown(elsewhere / "theirs.nii.gz", 4242, 4242)
+    src = tmp_path / "src"
+    src.mkdir()
+    _good(src / "own.nii.gz")
+    os.link(elsewhere / "theirs.nii.gz", src / "linked.nii.gz")
+    os.link(src / "own.nii.gz", src / "own-copy.nii.gz")  # a hard link of the folder owner's own: no note
+    out = tmp_path / "ds"
+    _ingest(str(src), "--out", str(out))
+    recs = _records(out)
+    assert any("hard links" in w and "uid 4242" in w for w in recs["src/linked.nii.gz"].warnings or [])
+    assert not any("hard links" in w for s in ("src/own.nii.gz", "src/own-copy.nii.gz") for w in recs[s].warnings or [])

@@ -102,6 +102,26 @@ class SourceRoot:
         if reason is not None:
             raise FailedInput(reason)
 
+    def hard_link_warning(self, paths: list[str] | list[os.PathLike[str]]) -> str | None:
+        """A note for the record when one of ``paths`` is a hard link owned by someone else than the root.
+
+        A hard link to a file elsewhere on the host looks like any file inside
+        the folder (containment cannot see it); one owned by another user than
+        the source folder's owner is worth a look."""
+        try:
+            owner = os.stat(self.real).st_uid
+        except OSError:
+            return None
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and st.st_uid != owner:
+                return (f"a file of this item has {st.st_nlink} hard links and another owner (uid {st.st_uid}) than "
+                        f"the source folder (uid {owner}): it may be a file from elsewhere on this host")
+        return None
+
 
 def header_root(path: str | os.PathLike[str]) -> SourceRoot:
     """The strictest root for a reader called without one: the (resolved) header's own folder."""

@@ -340,6 +340,8 @@ def read_series(
             check_openable(p, "a file of the series")
         else:
             r.check(p, "a file of the series")
+    linked = next((w for r in dict.fromkeys(r for r in roots if r is not None)
+                   if (w := r.hard_link_warning([p for p, q in zip(paths, roots) if q == r]))), None)
     with quiet_pydicom():
         files = sorted({str(p) for p in paths})
         files, dss, has_pixels, duplicates = _dedupe(
@@ -361,7 +363,7 @@ def read_series(
         meta = _meta(dss[0], ts, len(frames), identifying_tokens(dss))
         if n_localizers:
             meta["LocalizersDropped"] = n_localizers
-        warnings = []
+        warnings = [linked] if linked else []
         guessed = sum(transfer_syntax_guessed(ds) for ds in dss)
         if guessed:
             warnings.append(

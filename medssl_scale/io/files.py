@@ -134,6 +134,11 @@ def read_image_file(path: str | os.PathLike[str], limits: Limits = Limits(), roo
         raise FailedInput("file not found or not a regular file")
     root = root or header_root(path)
     root.check(path)
-    for c in companions(path):  # before the reader: nibabel opens a pair's .img by itself
+    comp = companions(path)
+    for c in comp:  # before the reader: nibabel opens a pair's .img by itself
         root.check(c, "its data file")
-    return READERS[fmt](path, limits, root)
+    raw = READERS[fmt](path, limits, root)
+    note = root.hard_link_warning([path, *comp])
+    if note:
+        raw.warnings.append(note)
+    return raw
