@@ -9,6 +9,7 @@ becomes a failed record naming the exception (the run goes on).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -238,7 +239,30 @@ def commit(prep: Prepared, opts: Options) -> Result:
     try:
         return _commit(prep, opts)
     except Exception as e:
+        full = storage_full(e)
+        if full:  # the dataset's disk, not the input: say so, naming the dataset (a source path may identify a patient)
+            e = FailedInput(f"could not write the dataset {opts.out}: {full}; free space and rerun with --resume")
         return _failure(prep.item, prep.base, prep.label_name, e, "writing")
+
+
+# Errors of the disk being written, not of the item: after any of them a rerun with --resume finishes the work.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EFBIG: "file too large for this file system or process (file size limit)", errno.EIO: "input/output error"}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how zarrs (Rust) reports an OSError inside a RuntimeError
+
+
+def storage_full(e: BaseException) -> str | None:
+    """'no space left on device (ENOSPC)' and the like when ``e`` (or what it wraps) is the written disk failing; else None."""
+    seen = 0
+    while e is not None and seen < 8:
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and isinstance(e, RuntimeError):
+            m = _OS_ERROR.search(str(e))
+            code = int(m.group(1)) if m else None
+        if code in _STORAGE_ERRNOS:
+            return f"{_STORAGE_ERRNOS[code]} ({errno.errorcode[code]})"
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def crashed(item: Item, opts: Options) -> Result:

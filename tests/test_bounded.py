@@ -119,3 +119,43 @@ def test_read_bounded_refuses_what_is_over_its_cap_or_not_a_file(tmp_path):
     for special in ("/dev/zero", tmp_path):
         with pytest.raises(NotARegularFile):
             read_bounded(special, 10, "a test file")
+
+
+def test_disk_full_fails_items_naming_the_dataset_and_resume_equals_a_clean_run(tmp_path):
+    import resource
+    import signal
+
+    from sample_data import assert_same_dataset
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):  # small chunks once compressed: these fit under the file size limit
+        _nifti(src / f"smooth{i}.nii.gz", (40, 36, 24 + i))
+    for i in range(2):  # noise does not compress: each volume's chunk files are over the limit
+        a = rng.integers(-1000, 2000, (64, 64, 40 + i), dtype=np.int16)
+        nib.save(nib.Nifti1Image(a, np.eye(4)), src / f"noise{i}.nii.gz")
+    args = ["--no-progress", "--workers", "1", "--chunk", "64"]
+    limit = 150_000
+
+    def small_files():  # a disk that takes no file over 150 kB: writes past it fail with EFBIG, as a full disk fails with ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "ds"
+    res = subprocess.run([sys.executable, "-m", "medssl_scale.cli", "ingest", str(src), "--out", str(out), *args],
+                         capture_output=True, text=True, preexec_fn=small_files, cwd=ROOT)
+    recs = _records(out)
+    failed = {k: r for k, r in recs.items() if r["status"] == "failed"}
+    assert set(failed) == {"src/noise0.nii.gz", "src/noise1.nii.gz"}, (res.stderr[-2000:], recs)
+    for r in failed.values():
+        assert r["reason"] == (f"could not write the dataset {out}: file too large for this file system or process "
+                               "(file size limit) (EFBIG); free space and rerun with --resume"), r
+    assert recs["src/smooth0.nii.gz"]["status"] == "ok"
+
+    run_cli("ingest", str(src), "--out", str(out), "--resume", *args)
+    clean = tmp_path / "clean"
+    run_cli("ingest", str(src), "--out", str(clean), *args)
+    assert_same_dataset(clean, out)
+    # Nothing half-written is left behind: no temporary names anywhere in the resumed dataset.
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith(".")], sorted(out.rglob("*"))
