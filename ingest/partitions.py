@@ -27,6 +27,13 @@ the content depends on timing, as it does in any parallel ingest.
 Finalize is crash-safe: it locks DS and every part, writes its plan before
 the first move and carries it out idempotently, so a killed finalize is
 finished by running it again (a plain ingest of DS refuses meanwhile).
+
+Everything finalize reads from DS and its parts is untrusted input: the plan
+holds no paths, only part numbers, volume ids and shard names, each checked
+against the store's patterns before a path is built from it; the parts' own
+files (manifest, shard index, ``ingest.json``, ``part-order.json``) go
+through their validators, and links are refused wherever finalize moves or
+deletes anything.
 """
 
 from __future__ import annotations
@@ -39,13 +46,19 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from ingest.discover import Found, Item
+from ingest.options import MAX_PARTS
+from ingest.pinned import PinnedSettings, read_pinned
 from ingest.pipeline import duplicate_label_reason, duplicate_record
+from medssl_scale.io.bounded import read_bounded
 from medssl_scale.store.layout import (
+    SHARD_NAME,
+    VOLUME_ID,
     DatasetDir,
     LockedError,
     WriterLock,
@@ -59,7 +72,107 @@ from medssl_scale.store.volumes import label_store, volume_store
 
 
 class PartitionError(RuntimeError):
-    """Parts that cannot be merged (missing, still running, ingested with other settings)."""
+    """Parts that cannot be merged (missing, still running, ingested with other settings, or files that are not the store's)."""
+
+
+PLAN_FORMAT = "medssl-finalize/2"
+MAX_PLAN_BYTES = 1 << 31  # a plan holds every merged record: generous, but a bound
+VolumeId = Annotated[str, Field(pattern=f"^{VOLUME_ID.pattern}$")]
+ShardName = Annotated[str, Field(pattern=f"^{SHARD_NAME.pattern}$")]
+PartName = Annotated[str, Field(pattern=r"^part-[0-9]{5}-of-[0-9]{5}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Order(_Strict):
+    """One image of part-order.json: where a one-worker ingest meets it (DICOM last, then by first path), its label map."""
+
+    key: tuple[bool, str]
+    label: str | None
+
+
+class _Move(_Strict):
+    """A volume (or label map) of part ``part`` renamed into DS's store of the same kind."""
+
+    part: int = Field(ge=0, lt=MAX_PARTS)
+    store: Literal["volumes", "labels"]
+    volume_id: VolumeId
+
+
+class _ShardMove(_Strict):
+    """Shard ``src`` of part ``part`` becomes DS's shard ``name``: whole, or filtered down to ``keep``."""
+
+    part: int = Field(ge=0, lt=MAX_PARTS)
+    src: ShardName
+    name: ShardName
+    keep: list[VolumeId] = Field(min_length=1)
+    whole: bool
+    bytes: int = Field(gt=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class FinalizePlan(_Strict):
+    """``.finalize-plan.json``: every move, decided before the first one. No paths: they are rebuilt from these."""
+
+    format: Literal["medssl-finalize/2"]
+    n: int = Field(ge=1, le=MAX_PARTS)
+    parts: list[PartName]
+    settings: PinnedSettings
+    records: list[ManifestRecord]
+    moves: list[_Move]
+    shards: list[_ShardMove]
+
+
+def _pydantic_error(e: ValidationError, where: str) -> str:
+    err = e.errors()[0]
+    field = ".".join(str(x) for x in err["loc"]) or "top level"
+    got = f" (got {str(err['input'])[:80]!r})" if isinstance(err.get("input"), (str, int, float)) else ""
+    return f"{where}: {field}: {err['msg']}{got}"
+
+
+def read_plan(ds: DatasetDir, n: int) -> FinalizePlan:
+    """The saved plan, validated whole and checked to be one for these ``n`` parts of ``ds``; PartitionError naming the file."""
+    where = str(ds.finalize_plan)
+    try:
+        plan = FinalizePlan.model_validate_json(read_bounded(ds.finalize_plan, MAX_PLAN_BYTES, "a finalize plan"))
+    except ValidationError as e:
+        raise PartitionError(f"{_pydantic_error(e, where)}: not a plan finalize wrote (remove it only if no finalize ran)") from None
+    except (OSError, ValueError) as e:
+        raise PartitionError(f"{where}: unreadable ({e})") from None
+    names = [part_dir(ds.root, i, n).name for i in range(n)]
+    if plan.n != n or plan.parts != names:
+        raise PartitionError(f"{where}: planned for {plan.n} parts ({', '.join(plan.parts[:3])}...), "
+                             f"not the {n} parts of {ds.root} (finish it with --finalize {plan.n})")
+    for m in [*plan.moves, *plan.shards]:
+        if m.part >= n:
+            raise PartitionError(f"{where}: names part {m.part}, but there are {n}")
+    names_out = [s.name for s in plan.shards]
+    if len(set(names_out)) != len(names_out):
+        raise PartitionError(f"{where}: two shards are given the same name")
+    return plan
+
+
+def _read_order(path: Path) -> dict[str, dict[str, Any]]:
+    """A part's part-order.json, validated (an absent one is empty: finalize then orders by name)."""
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        data = read_bounded(path, MAX_PLAN_BYTES, "part-order.json")
+        order = _OrderFile.model_validate_json(data).root
+    except ValidationError as e:
+        raise PartitionError(_pydantic_error(e, str(path))) from None
+    except (OSError, ValueError) as e:
+        raise PartitionError(f"{path}: unreadable ({e})") from None
+    return {k: {"key": list(v.key), "label": v.label} for k, v in order.items()}
+
+
+def _refuse_links(*paths: Path) -> None:
+    """Finalize moves and deletes below these: a link planted in the dataset would aim that elsewhere."""
+    for p in paths:
+        if p.is_symlink():
+            raise PartitionError(f"{p} is a symbolic link: a dataset holds none (refused: finalize would move or delete through it)")
 
 
 def partition_of(key: str, n: int) -> int:
@@ -99,6 +212,10 @@ def write_order(ds: DatasetDir, items: list[Item], name: Callable[[str], str]) -
     atomic_write_text(ds.part_order, json.dumps(order))
 
 
+class _OrderFile(RootModel[dict[str, _Order]]):
+    model_config = ConfigDict(strict=True)
+
+
 def _complete(part: Path) -> bool:
     ds = DatasetDir(part)
     return ds.summary.exists() and not ds.lock.exists()
@@ -134,7 +251,7 @@ class _Merge:
             pds = DatasetDir(part)
             recs = latest(read_manifest(pds.manifest))
             self.current.update(recs)
-            self.order |= json.loads(pds.part_order.read_text()) if pds.part_order.exists() else {}
+            self.order |= _read_order(pds.part_order)
             self.part_of |= {r.source: k for r in recs.values() if r.kind == "image"}
         self.origin: dict[str, int | None] = {}
         self.label_moves: list[tuple[int, str]] = []
@@ -215,15 +332,15 @@ def _plan(ds: DatasetDir, parts: list[Path], merge: _Merge) -> dict[str, Any]:
     moves, shards = [], []
     for k, part in enumerate(parts):
         pds = DatasetDir(part)
-        for store, own in ((volume_store(pds), volume_store(ds)), (label_store(pds), label_store(ds))):
-            moves += [[str(store.path / vid), str(own.path / vid)] for vid in store.ids() if merge.origin.get(vid, -1) == k]
-        moves += [[str(label_store(pds).path / vid), str(label_store(ds).path / vid)] for kk, vid in merge.label_moves if kk == k]
+        for kind, store in (("volumes", volume_store(pds)), ("labels", label_store(pds))):
+            moves += [{"part": k, "store": kind, "volume_id": vid} for vid in store.ids() if merge.origin.get(vid, -1) == k]
+        moves += [{"part": k, "store": "labels", "volume_id": vid} for kk, vid in merge.label_moves if kk == k]
         for s in read_index(pds)["shards"]:
             keep = [v for v in s["volume_ids"] if merge.origin.get(v, -1) == k]
             if keep:
-                shards.append({"src": str(pds.shards / s["name"]), "name": f"shard-{len(index['shards']) + len(shards):06d}.tar",
-                               "keep": keep, "whole": keep == s["volume_ids"], "entry": {x: s[x] for x in ("bytes", "sha256")}})
-    return {"moves": moves, "shards": shards, "parts": [str(p) for p in parts]}
+                shards.append({"part": k, "src": s["name"], "name": f"shard-{len(index['shards']) + len(shards):06d}.tar",
+                               "keep": keep, "whole": keep == s["volume_ids"], "bytes": s["bytes"], "sha256": s["sha256"]})
+    return {"moves": moves, "shards": shards, "parts": [p.name for p in parts]}
 
 
 def finalize(out: Path, n: int, wait_s: float = 0.0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -232,6 +349,7 @@ def finalize(out: Path, n: int, wait_s: float = 0.0, progress: Callable[[int, in
     if not ds.finalize_plan.exists():
         wait_for_parts(ds.root, n, wait_s, progress)
     parts = [part_dir(ds.root, i, n) for i in range(n)]
+    _refuse_links(ds.parts, *parts, ds.tmp, ds.shards, ds.logs, ds.volumes, ds.labels)
     locks = [WriterLock(ds.lock)] + [WriterLock(DatasetDir(p).lock) for p in parts if p.exists()]
     try:
         for lock in locks:
@@ -242,29 +360,21 @@ def finalize(out: Path, n: int, wait_s: float = 0.0, progress: Callable[[int, in
         raise PartitionError(f"{e}: finalize waits for it to finish") from None
     finished = False
     try:
-        if ds.finalize_plan.exists():
-            state = json.loads(ds.finalize_plan.read_text())
+        if ds.finalize_plan.exists() or ds.finalize_plan.is_symlink():
+            plan = read_plan(ds, n)
         else:
             if locks[0].interrupted:
                 raise PartitionError(f"{ds.root} holds an interrupted ingest: finish it with --resume before merging parts into it")
-            settings = _common_settings(ds, parts)
-            split = _split_series(parts)
-            if split:
-                raise PartitionError(f"{len(split)} DICOM series are split across parts (their files lie in several folders): "
-                                     "ingest such a collection without --partition, or gather each series into one folder")
-            merge = _Merge(ds, parts)
-            records = merge.resolve()
-            state = {"settings": settings, "records": [r.model_dump(mode="json", exclude_none=True) for r in records],
-                     **_plan(ds, parts, merge)}
-            atomic_write_text(ds.finalize_plan, json.dumps(state))
-        records = [ManifestRecord.model_validate(r) for r in state["records"]]
-        _carry_out(ds, state, records)
+            plan = _make_plan(ds, parts, n)
+            atomic_write_text(ds.finalize_plan, plan.model_dump_json())
+        records = plan.records
+        _carry_out(ds, plan, parts, records)
         summary = summarize(ds, records)
         atomic_write_text(ds.summary, json.dumps(summary, indent=1, sort_keys=True) + "\n")
         # Only the parts this finalize merged go; the plan goes once nothing of them is left to move.
         done = ds.tmp / "merged-parts"
         done.mkdir(parents=True, exist_ok=True)
-        for p in map(Path, state["parts"]):
+        for p in parts:
             if p.exists():
                 os.replace(p, done / p.name)
         ds.finalize_plan.unlink()
@@ -279,10 +389,26 @@ def finalize(out: Path, n: int, wait_s: float = 0.0, progress: Callable[[int, in
     return summary
 
 
+def _make_plan(ds: DatasetDir, parts: list[Path], n: int) -> FinalizePlan:
+    """The plan from the parts' own files, each validated (a bad one is a PartitionError naming it)."""
+    try:
+        settings = _common_settings(ds, parts)
+        split = _split_series(parts)
+        if split:
+            raise PartitionError(f"{len(split)} DICOM series are split across parts (their files lie in several folders): "
+                                 "ingest such a collection without --partition, or gather each series into one folder")
+        merge = _Merge(ds, parts)
+        records = merge.resolve()
+        state = {"format": PLAN_FORMAT, "n": n, "settings": settings, "records": records, **_plan(ds, parts, merge)}
+    except (OSError, ValueError) as e:  # the store's validators name the file and the field
+        raise PartitionError(f"cannot merge the parts of {ds.root}: {e}") from None
+    return FinalizePlan.model_validate(state, strict=False)
+
+
 def _common_settings(ds: DatasetDir, parts: list[Path]) -> dict[str, Any]:
-    seen = {p.name: json.loads(DatasetDir(p).settings.read_text()) for p in parts}
+    seen = {p.name: read_pinned(DatasetDir(p).settings) for p in parts}
     if ds.settings.exists():
-        seen[ds.root.name] = json.loads(ds.settings.read_text())
+        seen[ds.root.name] = read_pinned(ds.settings)
     first_name, first = next(iter(seen.items()))
     for name, s in seen.items():
         if s != first:
@@ -292,37 +418,50 @@ def _common_settings(ds: DatasetDir, parts: list[Path]) -> dict[str, Any]:
     return first
 
 
-def _carry_out(ds: DatasetDir, state: dict[str, Any], records: list[ManifestRecord]) -> None:
+def _store(ds: DatasetDir, kind: str):
+    return volume_store(ds) if kind == "volumes" else label_store(ds)
+
+
+def _regular(path: Path, what: str) -> Path:
+    """``path`` if it is what the store writes there (a folder or a file, never a link); PartitionError otherwise."""
+    if path.is_symlink() or not (path.is_dir() if what == "folder" else path.is_file()):
+        raise PartitionError(f"{path}: not a {what} the store wrote (a link or another kind of file): refused")
+    return path
+
+
+def _carry_out(ds: DatasetDir, plan: FinalizePlan, parts: list[Path], records: list[ManifestRecord]) -> None:
     if not ds.settings.exists():
-        atomic_write_text(ds.settings, json.dumps(state["settings"], indent=1) + "\n")
+        atomic_write_text(ds.settings, json.dumps(plan.settings.model_dump(), indent=1) + "\n")
     for store in (volume_store(ds), label_store(ds)):
         store.ensure()
-    for src, dst in state["moves"]:
-        if Path(src).exists() and not Path(dst).exists():
-            publish_dir(Path(src), Path(dst))
+    for m in plan.moves:
+        src, dst = _store(DatasetDir(parts[m.part]), m.store).path / m.volume_id, _store(ds, m.store).path / m.volume_id
+        if (src.exists() or src.is_symlink()) and not dst.exists():
+            publish_dir(_regular(src, "folder"), dst)
     index = read_index(ds)
     known = {s["name"] for s in index["shards"]}
     ds.shards.mkdir(parents=True, exist_ok=True)
     ds.tmp.mkdir(parents=True, exist_ok=True)
-    for s in state["shards"]:
-        if s["name"] in known:
+    for s in plan.shards:
+        if s.name in known:
             continue
-        dst = ds.shards / s["name"]
-        entry = dict(s["entry"])
+        src, dst = DatasetDir(parts[s.part]).shards / s.src, ds.shards / s.name
+        entry = {"bytes": s.bytes, "sha256": s.sha256}
         if not dst.exists():
-            if s["whole"]:
-                os.replace(s["src"], dst)
+            if s.whole:
+                os.replace(_regular(src, "file"), dst)
             else:
-                tmp = ds.tmp / (s["name"] + ".partial")
-                entry = filter_shard(Path(s["src"]), tmp, set(s["keep"]))
+                tmp = ds.tmp / (s.name + ".partial")
+                entry = filter_shard(_regular(src, "file"), tmp, set(s.keep))
                 os.replace(tmp, dst)
-        elif not s["whole"]:
+        elif not s.whole:
             entry = file_digest(dst)
-        index["shards"].append({"name": s["name"], "samples": len(s["keep"]), **entry, "volume_ids": s["keep"]})
+        index["shards"].append({"name": s.name, "samples": len(s.keep), **entry, "volume_ids": s.keep})
     index["samples"] = sum(x["samples"] for x in index["shards"])
     atomic_write_text(ds.shard_index, json.dumps(index, indent=1) + "\n")
     atomic_write_text(ds.manifest, "".join(r.to_line() for r in records))
     ds.logs.mkdir(parents=True, exist_ok=True)
-    for p in map(Path, state["parts"]):
+    for p in parts:
         for log in (p / "logs").glob("*.log"):
-            os.replace(log, ds.logs / f"{p.name}-{log.name}")
+            if not log.is_symlink():
+                os.replace(log, ds.logs / f"{p.name}-{log.name}")
