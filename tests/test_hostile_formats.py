@@ -298,6 +298,31 @@ def test_a_series_never_mixes_patients(tmp_path: Path) -> None:
         read(first + more)
 
 
+# ---------------------------------------------------------------- kept text fields
+
+
+@pytest.mark.parametrize(
+    "planted, kept, expected",
+    [
+        # Name parts split on spaces and hyphens, not only on '^'.
+        ({"PatientName": "van der Berg^Anna-Lena"}, "Anna Berg, Lena", "[redacted] [redacted], [redacted]"),
+        ({"PatientName": "O'Neill^Mary"}, "ONEILL o'neill", "[redacted] [redacted]"),
+        # Birth dates without leading zeros, with two-digit years, with month names.
+        ({"PatientBirthDate": "19310907"}, "7.9.1931 07.09.31 9/7/31 07SEP1931 1931-9-7", " ".join(["[redacted]"] * 5)),
+        # Ids written without their separator, or with another.
+        ({"PatientID": "AB-1234"}, "ab1234 AB 1234", "[redacted] [redacted]"),
+        ({"PatientID": "123-456"}, "123456 123/456", "[redacted] [redacted]"),
+        # Whole words only: a short or common name leaves the anatomy alone.
+        ({"PatientName": "Li^Men"}, "LIVER ABDOMEN li", "LIVER ABDOMEN [redacted]"),
+        ({"PatientName": "Liver^Ann"}, "LIVERS ANNEX", "LIVERS ANNEX"),
+        ({"PatientBirthDate": "19310907"}, "791931 19310", "791931 19310"),
+    ],
+)
+def test_kept_text_fields_are_scrubbed_of_the_items_identifying_values(tmp_path: Path, planted, kept, expected) -> None:
+    paths = write_series(tmp_path, ct_volume(), AXIAL, identifiers={**planted, "BodyPartExamined": kept})
+    assert read(paths).meta["BodyPartExamined"] == expected
+
+
 # ---------------------------------------------------------------- through a real ingest
 
 PLANTED = {

@@ -237,6 +237,10 @@ def identifying_tokens(datasets: Sequence[Dataset]) -> set[str]:
     """The datasets' own names (and their parts), ids and birth dates (in the usual written forms).
 
     Sequences are searched too (OtherPatientIDsSequence holds ids in items).
+    Names give their components and the words of those (``van der Berg^Anna-Lena``
+    gives ``Berg``, ``Anna``, ``Lena``, ...); words under three letters (``de``,
+    ``van`` stays) only as whole components. Ids also give their letters and digits
+    alone (``AB-1234`` gives ``AB1234``).
     """
     wanted = set(SELF_IDENTIFYING_KEYWORDS)
     tokens: set[str] = set()
@@ -247,38 +251,80 @@ def identifying_tokens(datasets: Sequence[Dataset]) -> set[str]:
             values = _strings(elem.value)
             if elem.keyword == "PatientBirthDate":
                 values = set().union(*(_date_forms(v) for v in values)) if values else set()
+            elif elem.VR == "PN":
+                values = set().union(*(_name_parts(v) for v in values)) if values else set()
+            elif elem.keyword in _ID_KEYWORDS:
+                values = values | {"".join(_WORD.findall(v)) for v in values}
             tokens.update(values)
-    return {t for t in tokens if len(t) >= 2}
+    return {t for t in tokens if len("".join(_WORD.findall(t))) >= 2}
+
+
+_ID_KEYWORDS = frozenset({
+    "PatientID", "OtherPatientIDs", "MedicalRecordLocator", "AdmissionID", "AccessionNumber", "StudyID",
+    "DeviceSerialNumber",
+})
+_WORD = re.compile(r"[^\W_]+")  # a run of letters and digits, any script
+_MONTHS = (
+    "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+    "november", "december",
+)
+
+
+def _name_parts(value: str) -> set[str]:
+    """A person name, its ^/= components and their words (whitespace, hyphens, commas, apostrophes, dots)."""
+    parts = {value}
+    for component in re.split(r"[\^=]", value):
+        parts.add(component.strip())
+        parts.update(w for w in re.split(r"[\s,.'\u2019-]+", component) if len(w) >= 3)
+    return parts
 
 
 def _date_forms(value: str) -> set[str]:
+    """A DICOM date (YYYYMMDD) as people write it: day, month, year in any usual order, with or
+    without leading zeros, four- or two-digit years, month names; a separator in a form stands
+    for any separator (see :func:`redact`)."""
     m = re.fullmatch(r"(\d{4})(\d{2})(\d{2})", value.strip())
     if not m:
         return {value}
     y, mo, d = m.groups()
-    forms = {value, f"{d}{mo}{y}", f"{mo}{d}{y}"}
-    for sep in "-/.":
-        forms.update({f"{y}{sep}{mo}{sep}{d}", f"{d}{sep}{mo}{sep}{y}", f"{mo}{sep}{d}{sep}{y}"})
+    forms = {value, f"{d}{mo}{y}", f"{mo}{d}{y}", f"{d}{mo}{y[2:]}", f"{mo}{d}{y[2:]}"}
+    name = _MONTHS[int(mo) - 1] if 1 <= int(mo) <= 12 else None
+    for day in {d, d.lstrip("0") or "0"}:
+        for year in (y, y[2:]):
+            for month in {mo, mo.lstrip("0") or "0"}:
+                forms.update({f"{year}.{month}.{day}", f"{day}.{month}.{year}", f"{month}.{day}.{year}"})
+            if name:
+                for month in (name, name[:3]):
+                    forms.update({f"{day} {month} {year}", f"{month} {day} {year}"})
     return forms
 
 
 def redact(text: Any, tokens: set[str]) -> Any:
-    """``text`` with every token replaced by [redacted], case-insensitively; non-text as it is.
+    """``text`` with every token replaced by [redacted], case-insensitively, as whole words; non-text as it is.
 
-    Tokens of three characters or more go wherever they occur; two-character
-    ones (a short surname) only as whole words, so that "LI" leaves "LIVER" alone.
+    Only letters and digits are compared: where a token has a separator, or
+    turns from letters to digits, the text may have any separator or none
+    (``AB-1234`` also hides ``AB1234`` and ``ab 1234``), except between two
+    numbers, which must stay apart (``7.9.1931`` is not ``791931``).
+    Whole words only, so that a name "Li" or "Men" leaves "LIVER" and "ABDOMEN" alone.
     """
     if not isinstance(text, str) or not tokens:
         return text
-    for token in sorted(tokens, key=len, reverse=True):
-        if len(token) >= 3:
-            pattern = re.escape(token)
-        elif len(token) == 2:
-            pattern = rf"(?<![0-9A-Za-z]){re.escape(token)}(?![0-9A-Za-z])"
-        else:
-            continue
+    patterns = [p for p in (_token_pattern(t) for t in tokens) if p]
+    for pattern in sorted(patterns, key=len, reverse=True):
         text = re.sub(pattern, REDACTED, text, flags=re.IGNORECASE)
     return text
+
+
+def _token_pattern(token: str) -> str | None:
+    runs = [r for w in _WORD.findall(token) for r in re.findall(r"\d+|\D+", w)]
+    if len("".join(runs)) < 2:
+        return None
+    pattern = re.escape(runs[0])
+    for before, after in zip(runs, runs[1:]):
+        pattern += r"[\W_]+" if before.isdigit() and after.isdigit() else r"[\W_]*"
+        pattern += re.escape(after)
+    return rf"(?<![^\W_]){pattern}(?![^\W_])"
 
 
 def _strings(value: Any) -> set[str]:
