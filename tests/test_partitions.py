@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -185,3 +186,102 @@ def test_a_label_map_added_later_arrives_through_a_partitioned_reingest(tmp_path
     assert_same_dataset(tmp_path / "single", tmp_path / "parted")
     rec = next(r for r in latest(read_manifest(DatasetDir(tmp_path / "parted").manifest)).values() if r.kind == "image" and r.source.endswith("p1.nii.gz"))
     assert rec.has_label and rec.warnings and "label map added after" in rec.warnings[-1]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """Two parts of a tiny collection and a finalize killed just after it saved its plan."""
+    import nibabel as nib
+
+    from medssl_scale.synth.phantoms import ct_phantom
+
+    root = tmp_path_factory.mktemp("planned")
+    col = root / "col"
+    col.mkdir()
+    for i in range(4):
+        p = ct_phantom(shape=(20, 16, 12), seed=i)
+        nib.save(nib.Nifti1Image(p.image, p.affine), col / f"p{i}.nii.gz")
+    out = root / "ds"
+    for i in range(2):
+        run_cli("ingest", str(col), "--out", str(out), "--partition", f"{i}/2", *ARGS)
+    real = partitions.publish_dir
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed")
+
+    partitions.publish_dir = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            partitions.finalize(out, 2)
+    finally:
+        partitions.publish_dir = real
+    return out
+
+
+def _tamper(plan, how, victim):
+    if how == "parts":
+        plan["parts"] = [str(victim), *plan["parts"][1:]]
+    elif how == "move-id":
+        plan["moves"][0]["volume_id"] = f"../../../../{victim.name}"
+    elif how == "move-paths":  # the old plan format's raw paths
+        plan["moves"] = [[str(victim), str(victim) + "-moved"]]
+    elif how == "shard-name":
+        plan["shards"][0]["name"] = "../../" + victim.name
+    elif how == "shard-src":
+        plan["shards"][0]["src"] = "../../../../" + victim.name
+    elif how == "settings":
+        plan["settings"]["chunk"] = 0
+    elif how == "part-number":
+        plan["moves"][0]["part"] = 7
+
+
+@pytest.mark.parametrize("how", ["parts", "move-id", "move-paths", "shard-name", "shard-src", "settings", "part-number"])
+def test_a_crafted_finalize_plan_is_refused_and_touches_nothing_outside(planned, tmp_path, how):
+    import json
+
+    out = tmp_path / "ds"
+    shutil.copytree(planned, out)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    plan_file = DatasetDir(out).finalize_plan
+    plan = json.loads(plan_file.read_text())
+    _tamper(plan, how, victim)
+    plan_file.write_text(json.dumps(plan))
+    with pytest.raises(partitions.PartitionError, match=r"\.finalize-plan\.json"):
+        partitions.finalize(out, 2)
+    assert (victim / "precious.txt").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["ds", "victim"]
+    assert not DatasetDir(out).manifest.exists()  # nothing merged
+
+
+@pytest.mark.parametrize("what", ["part-order", "settings", "part-link"])
+def test_a_parts_own_files_are_validated_before_the_plan(planned, tmp_path, what):
+    import json
+
+    out = tmp_path / "ds"
+    shutil.copytree(planned, out)
+    for leftover in (DatasetDir(out).finalize_plan, DatasetDir(out).lock, *(DatasetDir(partitions.part_dir(out, i, 2)).lock for i in range(2))):
+        leftover.unlink()  # as before any finalize: it reads the parts afresh
+    part = DatasetDir(partitions.part_dir(out, 1, 2))
+    if what == "part-order":
+        part.part_order.write_text(json.dumps({"x": {"key": "not a key", "label": None}}))
+        match = "part-order.json"
+    elif what == "settings":
+        part.settings.write_text(part.settings.read_text().replace('"chunk": 16', '"chunk": 0'))
+        match = "ingest.json: chunk"
+    else:
+        elsewhere = tmp_path / "elsewhere"
+        part.root.rename(elsewhere)
+        part.root.symlink_to(elsewhere)
+        match = "symbolic link"
+    with pytest.raises(partitions.PartitionError, match=match):
+        partitions.finalize(out, 2)
+    assert not DatasetDir(out).manifest.exists()
+
+
+def test_pinned_settings_model_knows_every_key_ingest_pins():
+    from ingest.pinned import PinnedSettings, check_pinned
+    from ingest.runner import IngestConfig
+
+    pinned = IngestConfig(sources=[], out=Path("x")).pinned("0123456789abcdef")
+    assert set(PinnedSettings.model_fields) == set(pinned) and check_pinned(pinned, "x") == pinned
