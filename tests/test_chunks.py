@@ -11,6 +11,7 @@ from medssl_scale.store.chunks import ChunkCache, VolumeReader
 from medssl_scale.store.integrity import seal
 from medssl_scale.store.volumes import ArrayStore, VolumeLayout
 
+VID = "v" + "0" * 19  # a volume id as ingest names one
 SHAPE_XYZ = (70, 45, 33)  # not a multiple of any chunk
 
 
@@ -48,8 +49,8 @@ def _expected(zyx: np.ndarray, start, size, fill) -> np.ndarray:
 def test_boxes_equal_zarr_and_pad_outside(tmp_path, layout, dtype):
     store = ArrayStore(tmp_path / "v.zarr", tmp_path / "tmp", layout)
     vol = _volume(dtype)
-    store.write("v1", vol, {})
-    reader = VolumeReader(tmp_path / "v.zarr" / "v1", ChunkCache(1 << 20))
+    store.write(VID, vol, {})
+    reader = VolumeReader(tmp_path / "v.zarr" / VID, ChunkCache(1 << 20))
     zyx = np.ascontiguousarray(vol.T)
     rng = np.random.default_rng(1)
     for start, size in _boxes(rng, zyx.shape):
@@ -58,7 +59,7 @@ def test_boxes_equal_zarr_and_pad_outside(tmp_path, layout, dtype):
         assert got.flags.c_contiguous
     # Inside the volume, the store's own crop (zarr) agrees too.
     x, y, z = 5, 7, 3
-    np.testing.assert_array_equal(reader.box((z, y, x), (20, 30, 40)), store.crop("v1", (x, y, z), (40, 30, 20)).T)
+    np.testing.assert_array_equal(reader.box((z, y, x), (20, 30, 40)), store.crop(VID, (x, y, z), (40, 30, 20)).T)
 
 
 def test_gzip_chunks_are_read_and_other_layouts_refused(tmp_path):
@@ -80,10 +81,10 @@ def test_gzip_chunks_are_read_and_other_layouts_refused(tmp_path):
 
 def test_cache_is_bounded_and_reused(tmp_path):
     store = ArrayStore(tmp_path / "v.zarr", tmp_path / "tmp", VolumeLayout(chunk=16, shard=32))
-    store.write("v1", _volume(), {})
+    store.write(VID, _volume(), {})
     chunk_bytes = 16**3 * 2
     cache = ChunkCache(5 * chunk_bytes)
-    reader = VolumeReader(tmp_path / "v.zarr" / "v1", cache)
+    reader = VolumeReader(tmp_path / "v.zarr" / VID, cache)
     reader.box((0, 0, 0), (16, 16, 32))  # two chunks
     assert cache.misses == 2 and cache.hits == 0
     reader.box((0, 0, 0), (16, 16, 32))
@@ -94,10 +95,10 @@ def test_cache_is_bounded_and_reused(tmp_path):
 
 def test_corrupt_shard_names_the_file(tmp_path):
     store = ArrayStore(tmp_path / "v.zarr", tmp_path / "tmp", VolumeLayout(chunk=16, shard=32))
-    store.write("v1", _volume(), {})
-    shard = tmp_path / "v.zarr" / "v1" / "c" / "0" / "0" / "0"
+    store.write(VID, _volume(), {})
+    shard = tmp_path / "v.zarr" / VID / "c" / "0" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF  # inside the shard index
     shard.write_bytes(bytes(data))
     with pytest.raises(OSError, match=r"c/0/0/0: corrupt shard index"):
-        VolumeReader(tmp_path / "v.zarr" / "v1").box((0, 0, 0), (4, 4, 4))
+        VolumeReader(tmp_path / "v.zarr" / VID).box((0, 0, 0), (4, 4, 4))

@@ -398,3 +398,12 @@ def test_names_and_reasons_from_the_manifest_are_printed_as_text(ds, capsys, mon
     assert f"problem: scan[/x].nii: volume v{'f' * 19} is in the manifest but not in volumes.zarr" in out.err
     assert "[black on black]hidden[/]" in out.out and "bad [/x] file" in out.out
     assert "[bold]odd[/bold] [/]" in out.out
+
+
+def test_a_fifo_in_place_of_the_manifest_is_refused(ds, no_hang, inspect):
+    ds.manifest.unlink()
+    os.mkfifo(ds.manifest)
+    with pytest.raises(OSError, match="manifest.jsonl: not a regular file"):
+        Catalog.load(ds.root)
+    rc, err = inspect(ds, quick=True)
+    assert rc == 1 and "manifest.jsonl: not a regular file" in err

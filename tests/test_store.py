@@ -24,6 +24,8 @@ from medssl_scale.store.shards import (
 )
 from medssl_scale.store.volumes import VolumeLayout, volume_store
 
+VID = "v" + "0" * 19  # a volume id as ingest names one
+
 
 def rec(source, status="ok", **kw):
     return ManifestRecord(source=source, status=status, **kw)
@@ -58,19 +60,19 @@ def test_volume_store_roundtrip_chunking_and_attrs(tmp_path, shape):
     ds = DatasetDir(tmp_path)
     store = volume_store(ds, VolumeLayout(chunk=32, shard=64))
     a = np.random.default_rng(0).integers(-1000, 1000, shape).astype(np.int16)
-    assert store.write("v1", a, {"modality": "CT", "spacing": [1.0, 1.0, 2.0]})
-    assert not store.write("v1", a, {})  # content-addressed: a second write is a no-op
-    z = zarr.open_array(str(ds.volumes / "v1"), mode="r")
+    assert store.write(VID, a, {"modality": "CT", "spacing": [1.0, 1.0, 2.0]})
+    assert not store.write(VID, a, {})  # content-addressed: a second write is a no-op
+    z = zarr.open_array(str(ds.volumes / VID), mode="r")
     assert z.metadata.zarr_format == 3 and z.metadata.dimension_names == ("z", "y", "x")
     np.testing.assert_array_equal(z[...], a.T)  # on disk: (z, y, x), OME-Zarr order
-    np.testing.assert_array_equal(store.read("v1"), a)  # through the store: (x, y, z) RAS
-    assert store.shape("v1") == shape
+    np.testing.assert_array_equal(store.read(VID), a)  # through the store: (x, y, z) RAS
+    assert store.shape(VID) == shape
     assert z.attrs["modality"] == "CT"
     chunks, shards = VolumeLayout(chunk=32, shard=64).chunks_for(shape[::-1])
     assert all(c <= 32 for c in chunks) and all(s % c == 0 for s, c in zip(shards, chunks))
     assert z.shards == shards
-    np.testing.assert_array_equal(store.crop("v1", (1, 2, 0), (3, 4, 3)), a[1:4, 2:6, 0:3])
-    assert store.ids() == ["v1"]
+    np.testing.assert_array_equal(store.crop(VID, (1, 2, 0), (3, 4, 3)), a[1:4, 2:6, 0:3])
+    assert store.ids() == [VID]
     assert not any(ds.tmp.iterdir())  # nothing left in staging
 
 

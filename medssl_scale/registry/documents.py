@@ -16,12 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from medssl_scale.io.bounded import FileTooLarge, NotARegularFile, read_bounded
 from medssl_scale.registry.errors import EncoderLoadError, RegistryFormatError
+from medssl_scale.store.layout import SHA256_HEX
 
 MAX_JSON_BYTES = 1 << 20  # an encoder.json is a few hundred bytes; a megabyte is already absurd
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr, None]
 Setting = Union[Scalar, Annotated[list[Scalar], Field(max_length=64)]]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Sha256 = Annotated[str, Field(pattern=f"^{SHA256_HEX.pattern}$")]
 
 
 class EncoderDocument(BaseModel):

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from medssl_scale.store.layout import atomic_write_text, check_volume_id
+from medssl_scale.store.layout import atomic_write_text, check_volume_id, open_dataset_file
 
 Status = Literal["ok", "skipped", "failed"]
 
@@ -113,9 +113,12 @@ def read_manifest(path: Path, torn_tail: Literal["drop", "refuse"] = "drop") -> 
     :class:`TornManifestError`), which is what readers of a finished dataset want.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        fd = open_dataset_file(path)  # a FIFO planted as the manifest is refused, not waited on
+    except FileNotFoundError:
         return []
-    data = path.read_bytes()
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
     lines = data.split(b"\n")
     if lines[-1]:  # no newline after the last line
         if torn_tail == "refuse":

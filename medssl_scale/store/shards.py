@@ -37,7 +37,7 @@ from typing import Annotated, Any, BinaryIO, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medssl_scale.store.layout import SHARD_NAME, VOLUME_ID, DatasetDir, atomic_write_text
+from medssl_scale.store.layout import SHA256_HEX, SHARD_NAME, VOLUME_ID, DatasetDir, atomic_write_text
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -142,7 +142,7 @@ class _ShardEntry(BaseModel):
     name: str = Field(pattern=f"^{SHARD_NAME.pattern}$")
     samples: int = Field(ge=1)
     bytes: int = Field(gt=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=f"^{SHA256_HEX.pattern}$")
     volume_ids: list[Annotated[str, Field(pattern=f"^{VOLUME_ID.pattern}$")]]
 
     @model_validator(mode="after")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from medssl_scale.store.chunks import VolumeReader, open_checked
 from medssl_scale.store.integrity import CHECKSUMS, VolumeError, read_meta, seal, verify_files
-from medssl_scale.store.layout import DatasetDir, atomic_write_text, publish_dir
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # one path component, never "..": ids become directory names
+from medssl_scale.store.layout import DatasetDir, atomic_write_text, check_volume_id, publish_dir
 
 _FAST_CODECS: bool | None = None
 
@@ -101,10 +98,8 @@ class ArrayStore:
             atomic_write_text(self.path / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
 
     def dir(self, volume_id: str) -> Path:
-        """Where array ``volume_id`` lives; ValueError for a name that is not one plain path component."""
-        if not isinstance(volume_id, str) or not _NAME.fullmatch(volume_id):
-            raise ValueError(f"{self.path}: {volume_id!r} is not an array name")
-        return self.path / volume_id
+        """Where array ``volume_id`` lives; ValueError for anything but a volume id (ids become directory names)."""
+        return self.path / check_volume_id(volume_id, str(self.path))
 
     def exists(self, volume_id: str) -> bool:
         return (self.dir(volume_id) / "zarr.json").exists()
