@@ -188,13 +188,6 @@ def check_stored_file(array_dir: Path, meta: dict[str, Any], key: str, size: int
     return True
 
 
-def decode_error(array_dir: Path, meta: dict[str, Any], cause: BaseException) -> VolumeError:
-    """A decode failure inside zarr, named: the file whose bytes changed when one can be found."""
-    bad = verify_files(array_dir, meta, rehash=True)
-    where = bad[0] if bad else f"{array_dir}: {type(cause).__name__}: {cause}"
-    return VolumeError(f"{where} (reading it failed: {cause})")
-
-
 # -- checks -------------------------------------------------------------------------
 
 
