@@ -249,3 +249,70 @@ def test_filtered_shards_keep_their_member_digests(dataset, tmp_path):
         samples = list(verified_samples(f, entry, out.name))
     assert [s["__key__"] for s in samples] == [vid]
     assert all(m.pax_headers.get(MEMBER_DIGEST) for m in _members(out))
+
+
+def _replace(members, name, data):
+    """``members`` with member ``name``'s bytes replaced, its size and digest made to agree (a careful forger)."""
+    import hashlib
+
+    out = []
+    for m, old in members:
+        if m.name == name:
+            m.size = len(data)
+            m.pax_headers = {**m.pax_headers, MEMBER_DIGEST: hashlib.sha256(data).hexdigest()}
+            old = data
+        out.append((m, old))
+    return out
+
+
+def _npy_bytes(array) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _meta_of(dataset: Path, vid: str) -> dict:
+    shard, _ = _shard0(dataset)
+    with tarfile.open(shard) as tf:
+        return json.loads(tf.extractfile(f"{vid}.meta.json").read())
+
+
+@pytest.mark.parametrize("kind, expect", [
+    ("nan-stat", "NaN is not a number JSON allows"),
+    ("inf-spacing", "spacing must be 3 finite positive numbers"),
+    ("foreground-shape", "foreground map is"),
+    ("image-shape", "but meta.json shape is"),
+    ("image-dtype", "but meta.json dtype is"),
+    ("image-extra-bytes", "data bytes, not the"),
+    ("meta-shape", "foreground map is"),
+])
+def test_a_sample_whose_meta_or_arrays_disagree_is_refused(dataset, kind, expect):
+    """Members whose digests agree but whose content no ingest writes: refused before any crop, by the stream and inspect."""
+    import numpy as np
+
+    from medssl_scale.store import foreground
+
+    shard, vid = _shard0(dataset)
+    meta = _meta_of(dataset, vid)
+    x, y, z = meta["shape"]
+    with tarfile.open(shard) as tf:
+        image = np.load(io.BytesIO(tf.extractfile(f"{vid}.image.npy").read()))
+    if kind == "nan-stat":
+        meta["stats"] = {**meta.get("stats", {}), "clip_std": float("nan")}
+    elif kind == "inf-spacing":
+        meta["spacing"] = [1.0, 1.0, 12345.5]  # written as 1e999 below: a plain number JSON reads as inf
+    elif kind == "foreground-shape":
+        meta["foreground"] = foreground.encode(np.zeros((1, 1, 1), np.uint8))
+    elif kind == "meta-shape":
+        meta["shape"] = [x, y, z + 40]
+    name, data = f"{vid}.meta.json", json.dumps(meta).replace("12345.5", "1e999").encode()  # json.dumps writes NaN as is
+    if kind == "image-shape":
+        name, data = f"{vid}.image.npy", _npy_bytes(np.zeros((x, y, z - 1), image.dtype))
+    elif kind == "image-dtype":
+        name, data = f"{vid}.image.npy", _npy_bytes(image.astype(np.float64))
+    elif kind == "image-extra-bytes":
+        name, data = f"{vid}.image.npy", _npy_bytes(image) + b"\0" * 64
+    _rewrite(shard, dataset, lambda members: _replace(members, name, data))
+    _expect_refused(dataset, vid, shard.name, f"sample {vid}", expect)

@@ -94,7 +94,7 @@ def _fragments(ds, n, codec="npy"):
         vid = f"v{i:019x}"  # readers accept only content-address-shaped ids
         img = rng.normal(size=(6 + i, 5, 4)).astype(np.float32)
         lab = (img > 0).astype(np.uint8) if i % 2 == 0 else None
-        write_sample_fragment(ds, vid, img, {"volume_id": vid, "shape": list(img.shape)}, lab, codec)
+        write_sample_fragment(ds, vid, img, {"volume_id": vid, "shape": list(img.shape), "dtype": str(img.dtype)}, lab, codec)
         arrays[vid] = (img, lab)
     return arrays
 

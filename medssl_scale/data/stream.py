@@ -17,12 +17,9 @@ so a resumed run replays the same stream and skips what it had consumed.
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import math
 import shlex
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +32,7 @@ from medssl_scale.data.catalog import MODALITIES, Catalog
 from medssl_scale.data.config import DataConfig
 from medssl_scale.data.crops import ArrayAccess, Cropper
 from medssl_scale.store.layout import DatasetDir, check_shard_name
-from medssl_scale.store.shards import read_index, verified_samples
+from medssl_scale.store.shards import decode_sample, read_index, verified_samples
 
 _STREAM = 0x73747265
 _TAR_READ = 4 << 20
@@ -193,57 +190,6 @@ def _drop(n: int):
     return stage
 
 
-def _npy(data: bytes) -> np.ndarray:
-    """An .npy member as a read-only array over the member's own bytes (np.load would copy it)."""
-    head = io.BytesIO(data[:65536])
-    version = np.lib.format.read_magic(head)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(head)
-    if dtype.hasobject or not isinstance(shape, tuple):
-        raise ValueError("object arrays are not volumes")
-    flat = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=head.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def _gunzip(data: bytes, limit: int) -> bytes:
-    """A gzip member's content, refused past ``limit`` bytes (a small member must not inflate to any size)."""
-    d = zlib.decompressobj(wbits=31)
-    out = d.decompress(data, limit + 1)
-    if len(out) > limit or d.unconsumed_tail:
-        raise ValueError(f"inflates to more than the {limit} bytes meta.json's shape allows")
-    return out
-
-
-def _member_array(sample: dict[str, Any], name: str, meta: dict[str, Any]) -> np.ndarray:
-    """``image``/``label`` of a shard sample as (z, y, x): the stored (x, y, z) Fortran array, transposed in place."""
-    if f"{name}.npy.gz" in sample:  # --shard-codec npy.gz
-        shape = meta["shape"]
-        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and 0 < n < 1 << 20 for n in shape)):
-            raise ValueError(f"meta.json shape {str(shape)[:40]} is not three positive sizes")
-        array = _npy(_gunzip(sample[f"{name}.npy.gz"], math.prod(shape) * 8 + 65536))  # 8: the widest voxel type
-    else:
-        array = _npy(sample[f"{name}.npy"])
-    if array.ndim != 3:
-        raise ValueError(f"{name} has {array.ndim} dimensions, not 3")
-    return array.transpose(2, 1, 0)
-
-
-def _sample_arrays(sample: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
-    """Image, meta and label of a verified sample, checked to describe one volume (KeyError/ValueError if not)."""
-    meta = json.loads(sample["meta.json"])
-    if not isinstance(meta, dict):
-        raise ValueError("meta.json is not an object")
-    if meta.get("volume_id", sample["__key__"]) != sample["__key__"]:
-        raise ValueError(f"meta.json names volume {str(meta.get('volume_id'))[:40]!r}")
-    if meta.get("modality", "CT") not in MODALITIES:
-        raise ValueError(f"meta.json modality {str(meta.get('modality'))[:20]!r} is not one of {MODALITIES}")
-    image = _member_array(sample, "image", meta)
-    label = _member_array(sample, "label", meta) if "label.npy" in sample or "label.npy.gz" in sample else None
-    if label is not None and label.shape != image.shape:
-        raise ValueError(f"label shape {label.shape} differs from image shape {image.shape}")
-    return image, meta, label
-
-
 def _crops(cropper: Cropper, per_volume: int, seed: list[int], patients: dict[str, int]):
     """Whole-volume samples -> ``per_volume`` finished crops each, before the shuffle buffer.
 
@@ -252,10 +198,7 @@ def _crops(cropper: Cropper, per_volume: int, seed: list[int], patients: dict[st
 
     def stage(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for ordinal, sample in enumerate(src):
-            try:
-                image, meta, label = _sample_arrays(sample)
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')} is unreadable: {e}") from e
+            image, meta, label = decode_sample(sample, sample.get("__url__", "?"))  # ShardError naming shard and sample
             access = ArrayAccess(image, meta, label)
             info = {
                 "volume": sample["__key__"],

@@ -18,7 +18,10 @@ Shards are read as untrusted input: ``read_index`` validates every field of
 matched the sha256 its writer put in the member's PAX header
 (``MEDSSL.sha256``; stock tar readers and webdataset ignore the record), and
 checks the whole shard against the index's sha256 and byte count before
-handing out the shard's last sample.
+handing out the shard's last sample. ``decode_sample`` then turns a verified
+sample into arrays only if its ``meta.json`` passes the same attribute checks
+as the Zarr store's (finite numbers, no NaN, a foreground map that fits) and
+each ``.npy`` member's header agrees with meta's shape and dtype.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
@@ -37,6 +42,8 @@ from typing import Annotated, Any, BinaryIO, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medssl_scale.store import foreground
+from medssl_scale.store.integrity import DTYPES, MAX_EXTENT, check_attrs
 from medssl_scale.store.layout import SHA256_HEX, SHARD_NAME, VOLUME_ID, DatasetDir, atomic_write_text
 
 BLOCK = tarfile.BLOCKSIZE
@@ -45,6 +52,7 @@ INDEX_FORMAT = "medssl-shards/1"
 SHARD_CODECS = ("npy", "npy.gz")
 MEMBER_DIGEST = "MEDSSL.sha256"  # PAX record: sha256 of the member's data
 MEMBER_SUFFIXES = ("image.npy", "image.npy.gz", "label.npy", "label.npy.gz", "meta.json")
+MAX_NPY_HEADER = 65536  # numpy writes a few hundred bytes; more is not an npy file the store wrote
 
 
 def _npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
@@ -416,6 +424,109 @@ def verified_samples(raw: BinaryIO, entry: dict[str, Any], where: str, read_size
         yield sample
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _npy(data: bytes, what: str, shape: list[int] | None, dtype: np.dtype | None) -> np.ndarray:
+    """An .npy member as a read-only (x, y, z) array over the member's own bytes (np.load would copy it).
+
+    Its header must give ``shape`` and ``dtype`` (where given: meta.json's) and
+    its data exactly as many bytes as they need.
+    """
+    head = io.BytesIO(data[:MAX_NPY_HEADER])
+    try:
+        version = np.lib.format.read_magic(head)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        got_shape, fortran, got_dtype = read_header(head)
+    except (ValueError, TypeError, EOFError, SyntaxError) as e:
+        raise ValueError(f"{what} has no readable npy header ({e})") from None
+    if got_dtype.hasobject or got_dtype.name not in DTYPES or not got_dtype.isnative:
+        raise ValueError(f"{what} holds {got_dtype.str}, not a voxel type the store writes")
+    if len(got_shape) != 3:
+        raise ValueError(f"{what} has {len(got_shape)} dimensions, not 3")
+    if shape is not None and list(got_shape) != shape:
+        raise ValueError(f"{what} is {list(got_shape)} but meta.json shape is {shape}")
+    if dtype is not None and got_dtype != dtype:
+        raise ValueError(f"{what} holds {got_dtype.name} but meta.json dtype is {dtype.name}")
+    count = math.prod(got_shape)
+    if len(data) - head.tell() != count * got_dtype.itemsize:
+        raise ValueError(f"{what} holds {len(data) - head.tell()} data bytes, not the {count * got_dtype.itemsize} of its header")
+    flat = np.frombuffer(data, dtype=got_dtype, count=count, offset=head.tell())
+    return flat.reshape(got_shape, order="F" if fortran else "C")
+
+
+def _gunzip(data: bytes, limit: int, what: str) -> bytes:
+    """A gzip member's content, refused past ``limit`` bytes (a small member must not inflate to any size)."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"{what} does not inflate ({e})") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise ValueError(f"{what} inflates to more than the {limit} bytes meta.json's shape allows")
+    return out
+
+
+def _meta(raw: bytes, key: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw, parse_constant=_refuse_constant)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"meta.json is not valid JSON ({e})") from None
+    check_attrs(meta)
+    if meta.get("volume_id", key) != key:
+        raise ValueError(f"meta.json names volume {str(meta.get('volume_id'))[:40]!r}")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and 1 <= n <= MAX_EXTENT for n in shape)):
+        raise ValueError(f"meta.json shape {str(shape)[:40]} is not three sizes in [1, {MAX_EXTENT}]")
+    if meta.get("dtype") not in DTYPES:
+        raise ValueError(f"meta.json dtype {str(meta.get('dtype'))[:20]!r} is not one of {', '.join(DTYPES)}")
+    if "foreground" in meta:
+        fg = meta["foreground"]
+        fits = [-(-n // fg["block"]) for n in shape]
+        if fg["shape"] != fits:
+            raise ValueError(f"meta.json foreground map is {fg['shape']}, not the {fits} blocks of shape {shape}")
+        foreground.decode(fg)  # holds exactly its shape's bytes
+    return meta
+
+
+def _member_array(sample: dict[str, Any], name: str, shape: list[int], dtype: np.dtype | None) -> np.ndarray:
+    if f"{name}.npy.gz" in sample:  # --shard-codec npy.gz
+        if f"{name}.npy" in sample:
+            raise ValueError(f"{name} is stored twice (npy and npy.gz)")
+        itemsize = dtype.itemsize if dtype is not None else 8  # 8: the widest voxel type
+        raw = _gunzip(sample[f"{name}.npy.gz"], math.prod(shape) * itemsize + MAX_NPY_HEADER, f"{name}.npy.gz")
+        return _npy(raw, f"{name}.npy.gz", shape, dtype)
+    return _npy(sample[f"{name}.npy"], f"{name}.npy", shape, dtype)
+
+
+def decode_sample(sample: dict[str, Any], where: str) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    """(image, meta, label or None) of a verified sample, arrays as (z, y, x) views of the stored (x, y, z) ones.
+
+    ``meta.json`` must be strict JSON (no NaN or Infinity) that passes
+    :func:`~medssl_scale.store.integrity.check_attrs`, with shape and dtype;
+    each array's npy header must agree with them (labels: shape, an integer
+    type). ShardError names ``where`` (the shard) and the sample otherwise.
+    """
+    key = sample.get("__key__", "?")
+    try:
+        if "meta.json" not in sample:
+            raise ValueError("no meta.json member")
+        meta = _meta(sample["meta.json"], key)
+        shape = meta["shape"]
+        image = _member_array(sample, "image", shape, np.dtype(meta["dtype"]))
+        label = None
+        if "label.npy" in sample or "label.npy.gz" in sample:
+            label = _member_array(sample, "label", shape, None)
+            if label.dtype.kind not in "biu":
+                raise ValueError(f"label holds {label.dtype.name}, not integers")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{where}: sample {key}: {e}") from None
+    if "image.npy" not in sample and "image.npy.gz" not in sample:
+        raise ShardError(f"{where}: sample {key}: no image member")
+    return image.transpose(2, 1, 0), meta, None if label is None else label.transpose(2, 1, 0)
+
+
 def verify_shards(ds: DatasetDir) -> list[str]:
     """Problems found by reading every shard as the training stream does (member digests, sha256, samples); empty if sound."""
     problems = []
@@ -426,8 +537,8 @@ def verify_shards(ds: DatasetDir) -> list[str]:
             continue
         try:
             with open(path, "rb") as f:
-                for _ in verified_samples(f, s, s["name"]):
-                    pass
+                for sample in verified_samples(f, s, s["name"]):
+                    decode_sample(sample, s["name"])
         except ShardError as e:
             problems.append(str(e))
     return problems
