@@ -193,7 +193,13 @@ def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True)
     except KeyboardInterrupt:
         err.print(f"[yellow]medssl ingest: interrupted; rerun the same command with --resume to finish {cfg.out}")
         return 130
-    except Exception:  # not an input's fault (inputs become records): say so, keep it apart from --strict's 1
+    except Exception as e:  # not an input's fault (inputs become records): say so, keep it apart from --strict's 1
+        from ingest.pipeline import storage_full
+
+        if full := storage_full(e):  # the manifest or a shard could not be written: the disk, not a bug
+            err.print(f"[red]medssl ingest: could not write the dataset {escape(str(cfg.out))}: {full}; "
+                      "free space, then rerun with --resume to finish it")
+            return EXIT_ERROR
         err.print_exception(max_frames=8)
         err.print(f"[red]medssl ingest: stopped by an internal error; fix the cause, then rerun with --resume to finish {cfg.out}")
         return EXIT_ERROR

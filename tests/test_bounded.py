@@ -163,3 +163,14 @@ def test_disk_full_fails_items_naming_the_dataset_and_resume_equals_a_clean_run(
     assert_same_dataset(clean, out)
     # Nothing half-written is left behind: no temporary names anywhere in the resumed dataset.
     assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith(".")], sorted(out.rglob("*"))
+
+    # A disk too full for the manifest itself: the run stops saying so (no traceback), and --resume finishes it.
+    limit = 300
+    out = tmp_path / "ds2"
+    res = subprocess.run([sys.executable, "-m", "medssl_scale.cli", "ingest", str(src), "--out", str(out), *args],
+                         capture_output=True, text=True, preexec_fn=small_files, cwd=ROOT)
+    assert res.returncode == 2, res.stderr[-2000:]
+    said = " ".join(res.stderr.split())
+    assert f"medssl ingest: could not write the dataset {out}: file too large" in said and "Traceback" not in said, said
+    run_cli("ingest", str(src), "--out", str(out), "--resume", *args)
+    assert_same_dataset(clean, out)
