@@ -154,6 +154,10 @@ def test_nifti_with_a_real_extension_reads(tmp_path: Path) -> None:
         img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment" * 100))
         nib.save(img, tmp_path / name)
         np.testing.assert_array_equal(read_nibabel(tmp_path / name).array, volume)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes((tmp_path / "e.nii.gz").read_bytes()[:200])  # cut short
+    with pytest.raises(FailedInput, match="truncated gzip stream"):
+        read_nibabel(cut)
 
 
 # ---------------------------------------------------------------- legacy and deflated DICOM

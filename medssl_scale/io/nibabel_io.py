@@ -396,6 +396,13 @@ def _check_nifti_extensions(path: Path, head: _NiftiHead, limits: Limits) -> Non
             f"header's extension flag is set but its vox_offset ({head.offset:g}) leaves no room for extensions"
         )
     end = head.offset if head.single else None  # a pair's header holds extensions to its end
+    try:
+        _walk_extensions(path, head, start, end, limits)
+    except (EOFError, zlib.error, OSError):
+        return  # a cut or corrupt stream: nibabel stops at the same byte, and its load says why
+
+
+def _walk_extensions(path: Path, head: _NiftiHead, start: int, end: float | None, limits: Limits) -> None:
     pos = start
     with ImageOpener(str(path)) as f:
         f.seek(pos)
