@@ -158,7 +158,7 @@ def _storage_dtype(a: np.ndarray, modality: str, warnings: list[str]) -> np.ndar
     return out
 
 
-def _slabs(a: np.ndarray, nbytes: int = 16 << 20) -> list[tuple[slice, ...]]:
+def _slabs(a: np.ndarray, nbytes: int = 4 << 20) -> list[tuple[slice, ...]]:
     """Index tuples cutting ``a`` into contiguous slabs of about ``nbytes`` along its slowest axis."""
     axis = a.ndim - 1 if a.flags.f_contiguous else 0
     step = max(1, nbytes // max(1, a.nbytes // max(1, a.shape[axis])))
