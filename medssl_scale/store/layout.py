@@ -13,7 +13,8 @@ import stat
 import tempfile
 from pathlib import Path
 
-FORMAT_VERSION = 2  # 2: every Zarr array carries checksums (crc32c per chunk, sha256 per stored file)
+# 2: every Zarr array carries checksums (crc32c per chunk, sha256 per stored file); 3: and the sha256 of its metadata
+FORMAT_VERSION = 3
 
 # What ingest names a volume: "v" + 19 hex digits of its content hash. Ids read back from a
 # dataset (manifest, shard index, Zarr group) must match before they become paths.
