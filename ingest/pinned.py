@@ -37,7 +37,6 @@ class PinnedSettings(BaseModel):
     shard_shape: int = Field(ge=0)
     shard_codec: str
     follow_symlinks: bool = False  # pinned since links could be followed; older datasets did not follow them
-    follow_symlinks: bool = False  # pinned since --follow-symlinks decides which items exist; absent before: False
 
     @field_validator("spacing")
     @classmethod
