@@ -100,8 +100,6 @@ def test_read_bounded_refuses_what_is_over_its_cap_or_not_a_file(tmp_path):
     import os
     import threading
 
-    import pytest
-
     from medssl_scale.io.bounded import FileTooLarge, NotARegularFile, read_bounded
 
     p = tmp_path / "small.json"
