@@ -23,6 +23,7 @@ from typing import Any
 from ingest import options, partitions
 from ingest.deid import Pseudonymizer, load_secret
 from ingest.discover import Item, Problem, discover, modality_for, parse_overrides
+from ingest.pinned import read_pinned
 from ingest.pipeline import Options, Result, sample_meta
 from ingest.pool import Pool
 from ingest.source_names import one_line
@@ -44,10 +45,6 @@ from medssl_scale.store.manifest import (
 from medssl_scale.store.shards import ShardWriter
 from medssl_scale.store.summary import summarize
 from medssl_scale.store.volumes import VolumeLayout, label_store, volume_store
-
-
-# Settings pinned later than others, as a dataset pinned before them was ingested.
-PINNED_BEFORE = {"follow_symlinks": False}
 
 
 class OutputError(RuntimeError):
@@ -199,7 +196,10 @@ def _check_output(ds: DatasetDir, settings: dict[str, Any]) -> None:
     if not os.access(ds.root, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write the dataset directory {ds.root}: permission denied")
     if ds.settings.exists():
-        have = {**PINNED_BEFORE, **json.loads(ds.settings.read_text())}
+        try:  # untrusted like the rest of the dataset; settings pinned later read as their old behaviour
+            have = read_pinned(ds.settings)
+        except ValueError as e:
+            raise OutputError(f"{ds.root} holds an ingest.json that no ingest wrote: {e}") from None
         if have.get("secret_fingerprint") != settings["secret_fingerprint"]:
             raise OutputError(
                 f"{ds.root} was ingested with a different site secret (fingerprint {have.get('secret_fingerprint')}, "

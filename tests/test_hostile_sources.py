@@ -407,6 +407,12 @@ def test_follow_symlinks_is_pinned_with_the_dataset(tmp_path):
                   check=False, timeout=TIMEOUT)
     assert res.returncode != 0 and "follow_symlinks False (now True)" in res.stderr + res.stdout
 
+    settings["follow_symlinks"], settings["run"] = True, "rm -rf /"  # read back as untrusted input
+    ds.settings.write_text(json.dumps(settings))
+    res = run_cli("ingest", str(src), "--out", str(out), "--resume", "--follow-symlinks", "--no-progress",
+                  check=False, timeout=TIMEOUT)
+    assert res.returncode != 0 and "ingest.json" in res.stderr + res.stdout and "run" in res.stderr + res.stdout
+
 
 def test_partitions_must_agree_on_follow_symlinks(tmp_path):
     src = tmp_path / "src"
