@@ -407,3 +407,12 @@ def test_a_fifo_in_place_of_the_manifest_is_refused(ds, no_hang, inspect):
         Catalog.load(ds.root)
     rc, err = inspect(ds, quick=True)
     assert rc == 1 and "manifest.jsonl: not a regular file" in err
+
+
+@pytest.mark.parametrize("what", ["index", "shard"])
+def test_a_fifo_in_place_of_a_shard_or_its_index_is_refused_by_inspect(ds, what, no_hang, inspect):
+    path = ds.shard_index if what == "index" else sorted(ds.shards.glob("*.tar"))[0]
+    path.unlink()
+    os.mkfifo(path)
+    rc, err = inspect(ds)
+    assert rc == 1 and f"{path.name}: not a regular file" in err, err

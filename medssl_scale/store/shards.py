@@ -44,7 +44,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medssl_scale.store import foreground
 from medssl_scale.store.integrity import DTYPES, MAX_EXTENT, check_attrs
-from medssl_scale.store.layout import SHA256_HEX, SHARD_NAME, VOLUME_ID, DatasetDir, atomic_write_text
+from medssl_scale.store.layout import (
+    SHA256_HEX,
+    SHARD_NAME,
+    VOLUME_ID,
+    DatasetDir,
+    UnsafeFileError,
+    atomic_write_text,
+    open_dataset_file,
+)
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -198,9 +206,14 @@ def check_index(data: bytes | str, where: str) -> dict[str, Any]:
 
 def read_index(ds: DatasetDir) -> dict[str, Any]:
     """``shards/index.json``, validated (an empty index when there is none)."""
-    if ds.shard_index.exists():
-        return check_index(ds.shard_index.read_bytes(), str(ds.shard_index))
-    return {"format": INDEX_FORMAT, "samples": 0, "shards": []}
+    try:
+        fd = open_dataset_file(ds.shard_index)  # a FIFO planted as the index is refused, not waited on
+    except FileNotFoundError:
+        return {"format": INDEX_FORMAT, "samples": 0, "shards": []}
+    except UnsafeFileError as e:
+        raise ShardIndexError(str(e)) from None
+    with os.fdopen(fd, "rb") as f:
+        return check_index(f.read(), str(ds.shard_index))
 
 
 def sharded_ids(index: dict[str, Any]) -> set[str]:
@@ -532,11 +545,16 @@ def verify_shards(ds: DatasetDir) -> list[str]:
     problems = []
     for s in read_index(ds)["shards"]:
         path = ds.shards / s["name"]
-        if not path.exists():
+        try:
+            fd = open_dataset_file(path)  # no link, no FIFO to wait on
+        except FileNotFoundError:
             problems.append(f"{s['name']}: missing")
             continue
+        except UnsafeFileError as e:
+            problems.append(str(e))
+            continue
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(fd, "rb") as f:
                 for sample in verified_samples(f, s, s["name"]):
                     decode_sample(sample, s["name"])
         except ShardError as e:
