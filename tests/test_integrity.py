@@ -416,3 +416,16 @@ def test_a_fifo_in_place_of_a_shard_or_its_index_is_refused_by_inspect(ds, what,
     os.mkfifo(path)
     rc, err = inspect(ds)
     assert rc == 1 and f"{path.name}: not a regular file" in err, err
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash(ds, inspect):
+    vid, array = _first_volume(ds)
+    (array / "zarr.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(VolumeError, match=f"{vid}/zarr.json: unreadable array metadata"):
+        VolumeReader(array)
+    with ds.manifest.open("a") as f:
+        f.write("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match="manifest.jsonl:3: invalid manifest record"):
+        Catalog.load(ds.root)
+    rc, err = inspect(ds, quick=True)
+    assert rc == 1 and f"{vid}/zarr.json: unreadable array metadata" in err and "manifest.jsonl:3" in err

@@ -125,8 +125,8 @@ def read_meta(array_dir: Path) -> dict[str, Any]:
         raise VolumeError(f"{path}: missing") from None
     except UnsafeFileError as e:
         raise VolumeError(str(e)) from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise VolumeError(f"{path}: unreadable array metadata ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nesting thousands deep
+        raise VolumeError(f"{path}: unreadable array metadata ({type(e).__name__}: {e})") from None
     try:
         _check_meta(meta)
         check_attrs(meta.get("attributes", {}))

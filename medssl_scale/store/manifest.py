@@ -130,7 +130,7 @@ def read_manifest(path: Path, torn_tail: Literal["drop", "refuse"] = "drop") -> 
             continue
         try:
             records.append(ManifestRecord.model_validate(json.loads(line.decode("utf-8"))))
-        except ValueError as e:  # also JSON and UTF-8 errors
+        except (ValueError, RecursionError) as e:  # also JSON and UTF-8 errors, and nesting thousands deep
             raise ValueError(f"{path}:{n}: invalid manifest record: {e}") from None
     return records
 
