@@ -30,6 +30,7 @@ from typing import Literal
 
 from ingest.source_names import record_name
 from medssl_scale.io import dicom, files
+from medssl_scale.io.bounded import read_bounded
 from medssl_scale.io.containment import SourceRoot, is_system_path, special_file_reason
 
 LABEL_DIR = re.compile(r"^(labels?|segmentations?|masks?)(.*)$", re.IGNORECASE)
@@ -318,9 +319,8 @@ def _class_names(label_dir: Path, area: SourceRoot) -> dict[str, str] | None:
     for cand in (label_dir / "labels.json", label_dir.parent / "dataset.json", label_dir / "dataset.json"):
         if not os.path.lexists(cand) or area.refusal(cand) is not None:
             continue
-        try:
-            with open(cand, "rb") as f:
-                data = json.loads(f.read(MAX_DESCRIPTION_BYTES + 1)[:MAX_DESCRIPTION_BYTES])
+        try:  # one that is too large or not JSON names no classes (the labels keep their numbers)
+            data = json.loads(read_bounded(cand, MAX_DESCRIPTION_BYTES, "a label description"))
         except (OSError, ValueError):
             continue
         mapping = data.get("labels", data) if isinstance(data, dict) else None

@@ -316,3 +316,27 @@ def test_a_sample_whose_meta_or_arrays_disagree_is_refused(dataset, kind, expect
         name, data = f"{vid}.image.npy", _npy_bytes(image) + b"\0" * 64
     _rewrite(shard, dataset, lambda members: _replace(members, name, data))
     _expect_refused(dataset, vid, shard.name, f"sample {vid}", expect)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_fifo_or_link_in_place_of_a_shard_is_refused_not_waited_on(dataset, tmp_path, kind):
+    """The stream opens the dataset's own shards without following links or waiting on a FIFO."""
+    import os
+    import signal
+
+    shard, _ = _shard0(dataset)
+    outside = tmp_path / "outside.tar"
+    shutil.copy(shard, outside)
+    shard.unlink()
+    if kind == "fifo":
+        os.mkfifo(shard)
+    else:
+        shard.symlink_to(outside)  # the same bytes, but not the dataset's own file
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the stream waited on the shard"))
+    signal.alarm(20)
+    try:
+        seen, err = _stream(dataset)
+    finally:
+        signal.alarm(0)
+    assert seen == [] or err is not None
+    assert err is not None and shard.name in str(err) and "refused" in str(err), err

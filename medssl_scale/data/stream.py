@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import shlex
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from webdataset.tariterators import url_opener
 from medssl_scale.data.catalog import MODALITIES, Catalog
 from medssl_scale.data.config import DataConfig
 from medssl_scale.data.crops import ArrayAccess, Cropper
-from medssl_scale.store.layout import DatasetDir, check_shard_name
+from medssl_scale.store.layout import DatasetDir, check_shard_name, open_dataset_file
 from medssl_scale.store.shards import decode_sample, read_index, verified_samples
 
 _STREAM = 0x73747265
@@ -66,6 +68,9 @@ class ShardStream(IterableDataset):
             raise ValueError(f"{ds.root}: no shards in {ds.shard_index}: ingest writes them; source: zarr reads volumes.zarr instead")
         self.entries = index["shards"]
         self.urls = [shard_url(cfg.shard_url, ds, s["name"]) for s in self.entries]
+        # The dataset's own shards are opened by the store's opener (no links, no waiting on a FIFO);
+        # a configured shard_url is the config's to trust.
+        self.below = None if cfg.shard_url else ds.shards.resolve()
         self.counts = [int(s["samples"]) for s in index["shards"]]
         total = sum(self.counts)
         per_rank = (cfg.samples_per_epoch or total * cfg.crops_per_visit) // world
@@ -114,6 +119,7 @@ class ShardStream(IterableDataset):
         start = int(np.random.default_rng(seed).integers(held)) if held > volumes else 0
         pipeline = wds.DataPipeline(
             _cycle([{"url": self.urls[i], "entry": self.entries[i]} for i in shards]),
+            _opened(self.below),
             _tar_samples,
             _drop(start),
             _take(volumes),
@@ -149,7 +155,7 @@ def _tar_samples(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """
 
     found = True
-    for source in url_opener(src):
+    for source in src:
         url = source["url"]
         if source.get("__pass_start__"):
             if not found:  # a whole pass over the bin's shards without a sample: never loop forever
@@ -163,6 +169,24 @@ def _tar_samples(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             raise ValueError(f"{url}: unreadable shard ({e})") from e
         finally:
             source["stream"].close()
+
+
+def _opened(below: Path | None):
+    """Each URL with its open ``stream``: a file of the dataset's ``shards/`` through the store's
+    opener, anything else (a configured ``shard_url``) through webdataset's."""
+
+    def stage(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for item in src:
+            if below is None:
+                yield from url_opener([item])
+                continue
+            try:
+                fd = open_dataset_file(Path(item["url"]), below)
+            except OSError as e:
+                raise ValueError(f"{item['url']}: unreadable shard ({e})") from e
+            yield {**item, "stream": os.fdopen(fd, "rb")}
+
+    return stage
 
 
 def _cycle(items: list[dict[str, Any]]):
