@@ -49,8 +49,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository first: bench/ingest.py (this folder is sys.path[0]) must not shadow the ingest package.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _emit import emit  # noqa: E402
 
 os.environ.setdefault("MEDSSL_SITE_SECRET", "benchmark-secret-not-for-real-data")

@@ -126,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             part = partitions.parse(args.partition)
         except ValueError as e:
-            err.print(f"[red]medssl ingest: {e}")
+            err.print(f"[red]medssl ingest: {escape(str(e))}")
             return EXIT_ERROR
         out = partitions.part_dir(args.out, *part)
     cfg = IngestConfig(
@@ -191,7 +191,7 @@ def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True)
         err.print(f"[red]medssl ingest: {escape(str(e))}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        err.print(f"[yellow]medssl ingest: interrupted; rerun the same command with --resume to finish {cfg.out}")
+        err.print(f"[yellow]medssl ingest: interrupted; rerun the same command with --resume to finish {escape(str(cfg.out))}")
         return 130
     except Exception as e:  # not an input's fault (inputs become records): say so, keep it apart from --strict's 1
         from ingest.pipeline import storage_full
@@ -201,11 +201,11 @@ def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True)
                       "free space, then rerun with --resume to finish it")
             return EXIT_ERROR
         err.print_exception(max_frames=8)
-        err.print(f"[red]medssl ingest: stopped by an internal error; fix the cause, then rerun with --resume to finish {cfg.out}")
+        err.print(f"[red]medssl ingest: stopped by an internal error; fix the cause, then rerun with --resume to finish {escape(str(cfg.out))}")
         return EXIT_ERROR
     Console().print(render(summary, title=f"ingest into {cfg.out}"))
     if summary["failed_total"]:
-        err.print(f"[yellow]{summary['failed_total']} input(s) failed: reasons in {cfg.out}/manifest.jsonl and {cfg.out}/logs/")
+        err.print(f"[yellow]{summary['failed_total']} input(s) failed: reasons in {escape(str(cfg.out))}/manifest.jsonl and {escape(str(cfg.out))}/logs/")
         if strict:
             return EXIT_FAILURES
     return EXIT_OK
@@ -221,6 +221,7 @@ def finalize(out: Path, n: int, wait_s: float, show_progress: bool = True) -> in
         TextColumn,
         TimeElapsedColumn,
     )
+    from rich.markup import escape
 
     from medssl_scale.store.summary import render
 
@@ -235,7 +236,7 @@ def finalize(out: Path, n: int, wait_s: float, show_progress: bool = True) -> in
         with bar:
             summary = partitions.finalize(out, n, wait_s, lambda done, total: bar.update(task, completed=done))
     except partitions.PartitionError as e:
-        err.print(f"[red]medssl ingest: {e}")
+        err.print(f"[red]medssl ingest: {escape(str(e))}")  # quotes values from the plan and the parts
         return EXIT_ERROR
     Console().print(render(summary, title=f"{n} parts merged into {out}"))
     return EXIT_OK

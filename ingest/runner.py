@@ -200,6 +200,11 @@ def _check_output(ds: DatasetDir, settings: dict[str, Any]) -> None:
             have = read_pinned(ds.settings)
         except ValueError as e:
             raise OutputError(f"{ds.root} holds an ingest.json that no ingest wrote: {e}") from None
+        if have.get("format_version") != settings["format_version"]:  # no setting the user could give again
+            raise OutputError(
+                f"{ds.root} is a dataset of format {have.get('format_version')}, older than this version writes "
+                f"({settings['format_version']}): it cannot be added to; re-ingest into a new directory"
+            )
         if have.get("secret_fingerprint") != settings["secret_fingerprint"]:
             raise OutputError(
                 f"{ds.root} was ingested with a different site secret (fingerprint {have.get('secret_fingerprint')}, "

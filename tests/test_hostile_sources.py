@@ -454,3 +454,24 @@ def test_a_hard_link_owned_by_someone_else_is_noted_in_the_record(tmp_path):
     recs = _records(out)
     assert any("hard links" in w and "uid 4242" in w for w in recs["src/linked.nii.gz"].warnings or [])
     assert not any("hard links" in w for s in ("src/own.nii.gz", "src/own-copy.nii.gz") for w in recs[s].warnings or [])
+
+
+def test_an_spm_mat_too_large_for_its_two_matrices_is_refused_before_it_is_inflated(tmp_path):
+    """scipy inflates a whole .mat while nibabel loads the header: 50 MB of zeros compress to ~50 KB."""
+    import scipy.io
+    import tracemalloc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _analyze(src / "bomb.hdr")
+    scipy.io.savemat(src / "bomb.mat", {"junk": np.zeros(50 << 17)}, do_compression=True)  # 50 MB of float64 zeros
+    _analyze(src / "spm.hdr")
+    scipy.io.savemat(src / "spm.mat", {"M": np.eye(4), "mat": np.eye(4)})  # what SPM writes: read as usual
+    root = SourceRoot.of(src)
+    tracemalloc.start()
+    with pytest.raises(FailedInput, match="larger than"):
+        read_nibabel(src / "bomb.hdr", root=root)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    assert read_nibabel(src / "spm.hdr", root=root).array.shape[:3] == tuple(SHAPE)

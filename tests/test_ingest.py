@@ -338,6 +338,12 @@ def test_settings_are_pinned_and_one_writer_at_a_time(tmp_path):
     ingest(src, tmp_path / "ds")
     with pytest.raises(OutputError, match="other settings: spacing"):
         ingest(src, tmp_path / "ds", spacing=(2.0, 2.0, 2.0))
+    settings = DatasetDir(tmp_path / "ds").settings
+    pinned = json.loads(settings.read_text())
+    settings.write_text(json.dumps({**pinned, "format_version": pinned["format_version"] - 1}))
+    with pytest.raises(OutputError, match="older than this version writes .*re-ingest into a new directory"):
+        ingest(src, tmp_path / "ds")
+    settings.write_text(json.dumps(pinned))
     held = WriterLock(DatasetDir(tmp_path / "ds").lock).acquire()  # another ingest, running
     try:
         with pytest.raises(OutputError, match="another ingest is writing"):

@@ -238,6 +238,9 @@ def _check_file_map(img, root: SourceRoot) -> None:
             root.check(holder.filename, "its data file")
 
 
+MAX_SPM_MAT_BYTES = 16 << 10
+
+
 def _spellings(name: str, stem: str) -> list[str]:
     """``name`` and its suffix (what follows ``stem``) in lower and upper case:
     on a case-insensitive file system any of them is the file nibabel opens."""
@@ -259,12 +262,19 @@ def _check_candidate_files(path: Path, root: SourceRoot) -> None:
             file_map = klass.filespec_to_file_map(path)
         except Exception:  # not a name this class reads
             continue
-        for holder in file_map.values():
+        for key, holder in file_map.items():
             if not isinstance(holder.filename, str | os.PathLike):
                 continue
             for name in _spellings(os.fspath(holder.filename), stem):
                 if name != os.fspath(path) and os.path.lexists(name):
                     root.check(name, "its data file")
+                    # nibabel reads and scipy inflates a whole .mat while loading: a small compressed one
+                    # could fill memory. SPM writes two 4x4 matrices (a few hundred bytes).
+                    if key == "mat" and os.path.getsize(name) > MAX_SPM_MAT_BYTES:
+                        raise FailedInput(
+                            f"its SPM .mat companion is larger than {MAX_SPM_MAT_BYTES:,} bytes "
+                            "(it holds two 4x4 matrices); refusing to read it"
+                        )
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
