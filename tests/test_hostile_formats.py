@@ -63,6 +63,22 @@ def test_vox_offset_inside_the_header_is_read_after_it_with_a_warning(tmp_path: 
     assert f"vox_offset 0 lies inside the {cls(expected, AXIAL).header.sizeof_hdr}-byte header" in warning
 
 
+@pytest.mark.parametrize("cls", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("name", ["v.nii", "v.nii.gz"])
+def test_vox_offset_zero_without_a_flag_reads_a_nonzero_first_voxel(tmp_path: Path, cls, name) -> None:
+    """Voxels right after the header, no extension flag: the first voxel's bytes are not a flag."""
+    from medssl_scale.io.nibabel_io import read_nibabel
+
+    volume = ct_volume()
+    volume[0, 0, 0] = -1000  # bytes that nibabel would take for a set extension flag
+    expected = _nifti_with_offset(tmp_path / name, 0, cls, volume, extender=False)
+    rv = read_nibabel(tmp_path / name)
+    np.testing.assert_array_equal(rv.array, expected)
+    np.testing.assert_allclose(rv.affine, AXIAL)
+    (warning,) = rv.warnings
+    assert "no extension flag" in warning
+
+
 def test_vox_offset_beyond_the_file_or_too_deep_in_a_gzip_fails_fast(tmp_path: Path) -> None:
     import time
 

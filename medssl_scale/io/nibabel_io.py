@@ -10,6 +10,7 @@ before a byte of voxel data is read.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import re
@@ -497,15 +498,51 @@ def _repair_data_offset(img, path: Path) -> tuple[object, list[str]]:
     return type(img)(fixed, img.affine, img.header), [warning]
 
 
+def _unextended_header(path: Path, head: _NiftiHead):
+    """The header alone, as nibabel parses it, with no extension read after it."""
+    klass = nib.Nifti1Image if head.size == nib.nifti1.header_dtype.itemsize else nib.Nifti2Image
+    with ImageOpener(str(path)) as f:
+        raw = f.read(head.size)
+    return klass, klass.header_class.from_fileobj(io.BytesIO(raw + b"\0" * _EXTENDER), check=False)
+
+
+def _flag_is_a_voxel(path: Path, head: _NiftiHead) -> bool:
+    """A single file whose vox_offset lies inside its header, with no extension flag at all:
+    the file's size shows the voxels right after the header, so what reads as a set flag is
+    the first voxel's bytes (nifticlib ignores extensions when the offset leaves no room)."""
+    if not (head.single and head.extended and head.offset < head.size + _EXTENDER):
+        return False
+    _, hdr = _unextended_header(path, head)
+    data_bytes = math.prod(int(n) for n in hdr.get_data_shape()) * hdr.get_data_dtype().itemsize
+    return _stored_size(path) == (head.size + data_bytes) % (1 << 32)
+
+
+def _load_without_extensions(path: Path, head: _NiftiHead) -> tuple[object, list[str]]:
+    klass, hdr = _unextended_header(path, head)
+    slope, inter = hdr.get_slope_inter()
+    spec = (hdr.get_data_shape(), hdr.get_data_dtype(), head.size,
+            1.0 if slope is None else slope, 0.0 if inter is None else inter)
+    warning = (
+        f"header's vox_offset {head.offset:g} lies inside the {head.size}-byte header of a single-file NIfTI: "
+        f"voxels read from byte {head.size}, where they start after the header (no extension flag)"
+    )
+    return klass(ArrayProxy(str(path), spec), hdr.get_best_affine(), hdr), [warning]
+
+
 def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     root.check(path)  # stat only: a FIFO is refused before nibabel opens it
     _check_candidate_files(path, root)
     _check_minc2(path)
     head = _nifti_header(path)
+    early: list[str] = []
     if head is not None:
         _check_nifti_offset(path, head, limits)
-        _check_nifti_extensions(path, head, limits)
-    img = _load(path)
+    if head is not None and _flag_is_a_voxel(path, head):
+        img, early = _load_without_extensions(path, head)
+    else:
+        if head is not None:
+            _check_nifti_extensions(path, head, limits)
+        img = _load(path)
     _check_file_map(img, root)
     fmt = _FORMATS.get(type(img).__name__)
     if fmt is None:
@@ -516,6 +553,7 @@ def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     disk_dtype = np.dtype(img.get_data_dtype())
     _check_dtype(disk_dtype)
     img, notes = _repair_data_offset(img, path)
+    notes = early + notes
     _check_file_size(img.dataobj)
     _check_compressed_offset(img.dataobj, limits)
     affine = _affine(img)
