@@ -191,3 +191,39 @@ def test_a_live_writer_lock_is_never_taken_over(tmp_path):
     assert not again.interrupted
     again.release(finished=False)
     assert WriterLock(path).acquire().interrupted
+
+
+def test_the_lock_works_the_same_where_the_filesystem_has_no_hard_links(tmp_path):
+    # No filesystem without link(2) can be mounted here, so the in-place path is asked for by its parameter;
+    # on vfat, FUSE or SMB mounts link(2)'s EPERM/ENOSYS/EOPNOTSUPP switch to it by themselves.
+    from medssl_scale.store.layout import LockedError, WriterLock
+
+    path = tmp_path / ".ingest-running"
+    first = WriterLock(path, hard_links=False).acquire()
+    assert not first.interrupted and b"pid" in path.read_bytes()
+    for other in (WriterLock(path, hard_links=False), WriterLock(path)):
+        with pytest.raises(LockedError, match="another ingest"):
+            other.acquire()
+    first.release(finished=True)
+    assert list(tmp_path.iterdir()) == []
+    held = WriterLock(path, hard_links=False).acquire()
+    held.release(finished=False)
+    path.write_bytes(b"")  # what a writer killed between creating and noting the file leaves
+    again = WriterLock(path, hard_links=False).acquire()
+    assert again.interrupted and b"pid" in path.read_bytes()
+    again.release(finished=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_things_named_like_a_lock_draft_do_not_stop_the_writer(tmp_path):
+    from medssl_scale.store.layout import WriterLock
+
+    path = tmp_path / ".ingest-running"
+    assert path.name.startswith(".")  # so a draft's name begins with two dots
+    (tmp_path / "..ingest-running.folder.tmp").mkdir()  # cannot be opened for writing, nor unlinked
+    (tmp_path / "..ingest-running.link.tmp").symlink_to(tmp_path / "outside")
+    (tmp_path / "outside").write_bytes(b"keep")
+    lock = WriterLock(path).acquire()
+    lock.release(finished=True)
+    assert (tmp_path / "outside").read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["..ingest-running.folder.tmp", "..ingest-running.link.tmp", "outside"]

@@ -176,6 +176,10 @@ class LockedError(RuntimeError):
     pass
 
 
+# What link(2) answers on filesystems without hard links (vfat/exFAT, FUSE mounts, some SMB shares).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK})
+
+
 class WriterLock:
     """One writer per dataset: an flock held for the run, on a file that outlives a killed run.
 
@@ -185,10 +189,18 @@ class WriterLock:
     (made under a temporary name, locked, then hard-linked into place), so a
     writer killed at any moment leaves a file a later run reads as
     interrupted, and a live writer's file is never seen unlocked.
+
+    ``hard_links=False`` makes the lock file in place with ``O_CREAT|O_EXCL``
+    instead; that is also what happens, by itself, on a filesystem that
+    refuses link(2) (vfat/exFAT, FUSE object-store mounts, some SMB shares).
+    There a rival may open the new file in the instant before it is locked and
+    noted: it finds it empty and unlocked, so reads it as interrupted and takes
+    it, and we step back as for any live writer. No run is ever let in twice.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, hard_links: bool = True):
         self.path = Path(path)
+        self.hard_links = hard_links
         self._fd = -1
         self.interrupted = False
 
@@ -228,6 +240,8 @@ class WriterLock:
 
     def _create_locked(self) -> tuple[int, bool]:
         """(fd, True): the lock file was made by us, locked and with our note, before its name existed; (-1, False): it exists."""
+        if not self.hard_links:
+            return self._create_in_place()
         fd, draft = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
             os.fchmod(fd, 0o644)
@@ -240,25 +254,50 @@ class WriterLock:
         except FileNotFoundError:  # another writer took our draft for a stale one: start again
             os.close(fd)
             return -1, False
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+            self.hard_links = False  # this filesystem has none: every later try makes the file in place
         except BaseException:
             os.close(fd)
             raise
         finally:
             Path(draft).unlink(missing_ok=True)
+        if not self.hard_links:
+            return self._create_in_place()
+        return fd, True
+
+    def _create_in_place(self) -> tuple[int, bool]:
+        """As _create_locked, without link(2): the name exists, empty and unlocked, for the instant before flock."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return -1, False
+        try:
+            os.fchmod(fd, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.pwrite(fd, self._note(), 0)
+        except BlockingIOError:  # a rival opened it in that instant and holds it now
+            os.close(fd)
+            return -1, False
+        except BaseException:
+            os.close(fd)
+            raise
         return fd, True
 
     def _remove_stale_drafts(self) -> None:
         """Drafts a killed writer left between making and linking its lock file (a live one holds its draft locked)."""
         for draft in self._drafts():
-            try:
-                fd = os.open(draft, os.O_RDONLY)
-            except FileNotFoundError:
+            try:  # for writing: Linux NFS emulates flock with fcntl locks, and an exclusive one needs a writable fd
+                fd = os.open(draft, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:  # gone, or not a file we could have made (a folder, a link): not ours to remove
                 continue
             try:
                 if os.fstat(fd).st_ino != os.fstat(self._fd).st_ino:  # else: a second name of the file we hold
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 draft.unlink(missing_ok=True)
-            except BlockingIOError:
+            except OSError:  # held by a live writer, or this filesystem will not say: leave it, it costs nothing
                 pass
             finally:
                 os.close(fd)
