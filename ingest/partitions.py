@@ -355,18 +355,19 @@ def finalize(out: Path, n: int, wait_s: float = 0.0, progress: Callable[[int, in
         for lock in locks:
             lock.acquire()
     except LockedError as e:
-        for lock in locks:
-            lock.release(finished=False)
+        _release_untouched(locks)
         raise PartitionError(f"{e}: finalize waits for it to finish") from None
-    finished = False
+    finished = planned = False
     try:
         if ds.finalize_plan.exists() or ds.finalize_plan.is_symlink():
+            planned = True
             plan = read_plan(ds, n)
         else:
             if locks[0].interrupted:
                 raise PartitionError(f"{ds.root} holds an interrupted ingest: finish it with --resume before merging parts into it")
             plan = _make_plan(ds, parts, n)
             atomic_write_text(ds.finalize_plan, plan.model_dump_json())
+            planned = True
         records = plan.records
         _carry_out(ds, plan, parts, records)
         summary = summarize(ds, records)
@@ -383,10 +384,22 @@ def finalize(out: Path, n: int, wait_s: float = 0.0, progress: Callable[[int, in
             ds.parts.rmdir()
         finished = True
     finally:
-        for lock in locks[1:]:
-            lock.release(finished=False)  # the parts' folders are gone once finished
-        locks[0].release(finished)
+        if not planned:
+            _release_untouched(locks)
+        else:
+            for lock in locks[1:]:
+                lock.release(finished=False)  # the parts' folders are gone once finished
+            locks[0].release(finished)
     return summary
+
+
+def _release_untouched(locks: list[WriterLock]) -> None:
+    """A finalize that refused before its plan changed nothing: the lock files it made go, so a corrected rerun works.
+
+    A lock file that was there before (an interrupted ingest) stays, for that ingest's --resume.
+    """
+    for lock in locks:
+        lock.release(finished=not lock.interrupted)
 
 
 def _make_plan(ds: DatasetDir, parts: list[Path], n: int) -> FinalizePlan:

@@ -99,8 +99,14 @@ def test_finalize_waits_for_parts_and_refuses_mismatched_ones(collection, tmp_pa
     res = run_cli("ingest", "--out", str(out), "--finalize", str(N), "--no-progress", check=False)
     assert res.returncode == 2 and "shard_shape" in res.stderr and "other settings" in res.stderr
     assert not DatasetDir(out).manifest.exists()  # nothing merged
+    assert list(out.rglob(".ingest-running*")) == []  # a refused finalize leaves no lock behind
     res = run_cli("ingest", str(collection), "--out", str(out), "--finalize", "3", check=False)
     assert res.returncode == 2 and "--out only" in res.stderr
+    for i in (1, 2):  # the site fixes its mistake: those parts again, with the options part 0 had
+        shutil.rmtree(partitions.part_dir(out, i, N))
+        run_cli("ingest", str(collection), "--out", str(out), "--partition", f"{i}/{N}", *ARGS)
+    run_cli("ingest", "--out", str(out), "--finalize", str(N), "--no-progress")
+    assert check_dataset(DatasetDir(out)) == [] and list(out.rglob(".ingest-running*")) == []
 
 
 def test_a_finalize_killed_midway_is_finished_by_running_it_again(collection, single, tmp_path, monkeypatch):
