@@ -57,6 +57,7 @@ from ingest.pinned import PinnedSettings, read_pinned
 from ingest.pipeline import duplicate_label_reason, duplicate_record
 from medssl_scale.io.bounded import read_bounded
 from medssl_scale.store.layout import (
+    FORMAT_VERSION,
     SHARD_NAME,
     VOLUME_ID,
     DatasetDir,
@@ -422,6 +423,10 @@ def _common_settings(ds: DatasetDir, parts: list[Path]) -> dict[str, Any]:
     seen = {p.name: read_pinned(DatasetDir(p).settings) for p in parts}
     if ds.settings.exists():
         seen[ds.root.name] = read_pinned(ds.settings)
+    for name, s in seen.items():
+        if s.get("format_version") != FORMAT_VERSION:  # no option the user could give again
+            raise PartitionError(f"{name} is a dataset of format {s.get('format_version')}, older than this version "
+                                 f"writes ({FORMAT_VERSION}): re-ingest it into a new directory")
     first_name, first = next(iter(seen.items()))
     for name, s in seen.items():
         if s != first:

@@ -260,7 +260,7 @@ def test_a_crafted_finalize_plan_is_refused_and_touches_nothing_outside(planned,
     assert not DatasetDir(out).manifest.exists()  # nothing merged
 
 
-@pytest.mark.parametrize("what", ["part-order", "settings", "part-link"])
+@pytest.mark.parametrize("what", ["part-order", "settings", "part-link", "old-format"])
 def test_a_parts_own_files_are_validated_before_the_plan(planned, tmp_path, what):
     import json
 
@@ -275,6 +275,12 @@ def test_a_parts_own_files_are_validated_before_the_plan(planned, tmp_path, what
     elif what == "settings":
         part.settings.write_text(part.settings.read_text().replace('"chunk": 16', '"chunk": 0'))
         match = "ingest.json: chunk"
+    elif what == "old-format":  # every part older alike: no other setting differs
+        for i in range(2):
+            pinned = DatasetDir(partitions.part_dir(out, i, 2)).settings
+            doc = json.loads(pinned.read_text())
+            pinned.write_text(json.dumps({**doc, "format_version": doc["format_version"] - 1}))
+        match = "older than this version writes .*re-ingest"
     else:
         elsewhere = tmp_path / "elsewhere"
         part.root.rename(elsewhere)
