@@ -59,8 +59,9 @@ os.environ.setdefault("MEDSSL_SITE_SECRET", "benchmark-secret-not-for-real-data"
 import numpy as np
 import torch
 
-METHODS = ("monai", "zarr", "zarr_k1", "shards", "memmap", "memmap_pytorch")
+METHODS = ("monai", "monai_samples", "monai_persistent", "nnunetv2", "zarr", "zarr_k1", "shards", "memmap", "memmap_pytorch")
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "medssl-bench-loader"
+PEERS = {"monai_samples": "run_monai_samples", "monai_persistent": "run_monai_persistent", "nnunetv2": "run_nnunet"}
 CT_WINDOW = (-1000.0, 1000.0)  # DataConfig's default normalisation, applied by every method
 
 
@@ -274,6 +275,10 @@ def run_memmap(args: argparse.Namespace, ring: bool = True) -> dict[str, Any]:
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     if args.only == "monai":
         out = run_monai(args)
+    elif args.only in PEERS:  # bench/loader_peers.py: MONAI's faster setups and nnU-Net v2
+        import loader_peers
+
+        out = getattr(loader_peers, PEERS[args.only])(args)
     elif args.only == "zarr":
         out = run_loader(args, "zarr")
     elif args.only == "zarr_k1":
