@@ -116,6 +116,44 @@ def test_fused_disruption_kernel_matches_the_reference_forward_and_backward(tmp_
         torch.testing.assert_close(torch.tensor(tri["grads"][name]), torch.tensor(g), rtol=1e-4, atol=1e-5)
 
 
+# Seeds where float32 scores tie exactly at the k-th place (found by searching philox.rand; the test checks the tie is there):
+# per token, seed 48 ties token 1's 41st and 42nd lowest of 64 channels; shared, seed 892 ties the 18th and 19th.
+_TIES = """
+import json, sys, torch
+from medssl_scale import kernels
+
+torch.manual_seed(0)
+out = []
+for per_token, seed, k in ((True, 48, 41), (False, 892, 18)):
+    base = torch.randn(2, 64, 16, requires_grad=True)  # [B, C, S]: 32 tokens, token t = (t // 16, t % 16)
+    vals = (1000 + torch.arange(64.0)).requires_grad_()  # a masked element is recognisable by its value
+    g = torch.randn(2, 64, 16)
+    res = {}
+    for backend in ("reference", "triton"):
+        y = kernels.channel_mask(base, k / 64, seed, per_token, vals, backend=backend)
+        gx, gv = torch.autograd.grad((y * g).sum(), [base, vals])
+        res[backend] = {"counts": (y.detach() >= 999).sum(1).flatten().tolist(), "y": y.detach(), "gx": gx, "gv": gv,
+                        "zero_grads": (gx == 0).sum(1).flatten().tolist()}
+    r, t = res["reference"], res["triton"]
+    out.append({"per_token": per_token, "k": k, "counts": {b: res[b]["counts"] for b in res}, "zero_grads": {b: res[b]["zero_grads"] for b in res},
+                "err": max((r[n] - t[n]).abs().max().item() for n in ("y", "gx")), "gv_err": (r["gv"] - t["gv"]).abs().max().item()})
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_disruption_masks_exactly_k_channels_when_scores_tie(tmp_path):
+    """float32 scores tie at the k-th place: both paths mask exactly k per token, the same k (ties to the lower channel), forward and backward."""
+    for per_token, seed, k, token in ((True, 48, 41, 1), (False, 892, 18, 0)):
+        ranked = philox.rand(seed, torch.arange(32 * 64)).view(32, 64)[token].sort().values
+        assert ranked[k - 1] == ranked[k]  # the premise: the k-th and (k+1)-th lowest scores are equal
+    out = interpreted(tmp_path, _TIES)
+    for case in out:
+        for backend in ("reference", "triton"):
+            assert case["counts"][backend] == [case["k"]] * 32, (case["per_token"], backend, case["counts"][backend])
+            assert case["zero_grads"][backend] == [case["k"]] * 32, (case["per_token"], backend)
+        assert case["err"] == 0 and case["gv_err"] < 1e-4, case  # the same channels; the values' gradient sums in another order
+
+
 _MASKED_LOSS = """
 import json, sys, torch
 from medssl_scale import kernels

@@ -37,21 +37,34 @@ def channel_keep(x: torch.Tensor, ratio: float, seed: int, per_token: bool) -> t
     Scores are Triton's Philox uniforms at element offsets (channel ``c`` of
     token ``t`` at ``t * C + c``; tokens in (batch, spatial) order), and the
     ``k`` lowest scores of a token are its masked channels: exactly ``k`` per
-    token, and the same numbers a fused kernel draws.
+    token, and the same numbers a fused kernel draws. Scores are float32, so
+    two channels of a token can draw the same one; ties go to the lower
+    channel index (:func:`lowest_k_keep`), as in the fused kernel.
     """
     b, c = x.shape[:2]
     k = masked_count(c, ratio)
     if not per_token:
         # The released recipe: one channel subset per step, the same for every token and sample (token 0's draw).
         scores = philox.rand(seed, torch.arange(c, device=x.device))
-        keep = (scores.argsort().argsort() >= k).to(x.dtype)
-        return keep.view(1, c, *([1] * (x.ndim - 2)))
+        return lowest_k_keep(scores, k).to(x.dtype).view(1, c, *([1] * (x.ndim - 2)))
     spatial = x.shape[2:]
     tokens = b * math.prod(spatial)
     scores = philox.rand(seed, torch.arange(tokens * c, device=x.device)).view(b, *spatial, c)
-    ranks = scores.argsort(dim=-1).argsort(dim=-1)
-    keep = (ranks >= k).to(x.dtype)
-    return keep.movedim(-1, 1)
+    return lowest_k_keep(scores, k).to(x.dtype).movedim(-1, 1)
+
+
+def lowest_k_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean keep mask: False at the ``k`` lowest of each row of ``scores`` (last dim, float32 in [0, 1)), ties to the lower index.
+
+    Each score becomes a distinct int64 key, its float bits (ordered as the
+    floats are, for non-negative values) above its index, so exactly ``k``
+    are masked whatever ties the draw holds; ``topk`` of the keys and a
+    scatter select them.
+    """
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    keys = (scores.contiguous().view(torch.int32).to(torch.int64) << 32) | index
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    return keep.scatter_(-1, keys.topk(k, dim=-1, largest=False).indices, False)
 
 
 def channel_mask(x: torch.Tensor, ratio: float, seed: int, per_token: bool = False, values: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,7 +9,10 @@ transpose) both work without a copy. No mask is stored: backward draws it again.
 
 Per-token subsets are exact: a token's ``k`` lowest scores are masked. The
 kernel sorts each token's scores (padding channels score 2, above any
-uniform) and takes the k-th as the threshold.
+uniform) and takes the k-th as the threshold. float32 scores can tie: every
+score below the threshold is masked, then of those equal to it the lowest
+channel indices up to ``k`` in all, the reference's order
+(:func:`~medssl_scale.kernels.reference.lowest_k_keep`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ def _disrupt(x_ptr, y_ptr, keep_ptr, val_ptr, T, C, S, sxb, sxc, sxs, syb, syc, 
         score = tl.where(c < C, score, 2.0)
         ranked = tl.sort(score, dim=1)
         kth = tl.max(tl.where(tl.arange(0, BLOCK_C)[None, :] == k - 1, ranked, -1.0), axis=1)[:, None]
-        masked = (score <= kth) & (k > 0)
+        below = score < kth
+        tie = score == kth
+        # a tie at the threshold would mask more than k: take the tied channels in index order, k in all
+        room = k - tl.sum(below.to(tl.int32), axis=1)[:, None]
+        masked = (below | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= room))) & (k > 0)
     else:
         masked = tl.load(keep_ptr + c, mask=c < C, other=1.0) == 0.0
     x = tl.load(x_ptr + b * sxb + c * sxc + s * sxs, mask=valid, other=0.0).to(tl.float32)
