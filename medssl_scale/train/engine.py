@@ -118,6 +118,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     from medssl_scale.data.loader import Loader
     from medssl_scale.objectives.compose import build_run_objective
     from medssl_scale.train import checkpoint
+    from medssl_scale.train.memory_report import memory_report
     from medssl_scale.train.schedule import warmup_cosine
     from medssl_scale.train.tracking import Tracker
 
@@ -138,6 +139,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     optimizer = _optimizer(cfg, objective.parameters())
     scheduler = warmup_cosine(optimizer, cfg.steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+    memory = memory_report(engine, optimizer)  # None unless MEDSSL_MEMORY_REPORT names a directory (bench/train_step.py)
     loader = Loader(cfg.data, rank, world, copy=False, workers_ignore_sigterm=True)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
@@ -205,6 +207,8 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
             if stopping:
                 status = "stopped by SIGTERM after a checkpoint"
                 break
+        if memory:
+            memory.write(rank, world)
         tracker.finish(status, last if step == cfg.steps else None)
     except BaseException:
         try:

@@ -1,0 +1,40 @@
+"""The memory report the training-step benchmark reads (MEDSSL_MEMORY_REPORT), from a real one-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sample_data import training_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "dae" / "tiny.yaml"
+# conv_ae channels 8,16,32 and the DAE's projection head of 16, as configs/dae/tiny.yaml builds them, worked out
+# layer by layer (weights + biases and norm affines): stem 64+8, down 3456+48 and 13824+96, up 4096+16, 6912+48,
+# 1024+8, 1728+24, 512+8, output 8+1, projection 1024+32 and 512+16.
+TINY_PARAMS = 33465
+PAD = 64  # DeepSpeed pads its flat fp32 buffers for alignment: a few bytes, not a copy
+
+
+def test_memory_report_counts_the_fp32_master_copy_of_zero1(tmp_path):
+    data = training_dataset(tmp_path / "d", n_patients=2, n_mr=0)
+    report = tmp_path / "mem"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MEDSSL_MEMORY_REPORT": str(report)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    res = subprocess.run([sys.executable, "-m", "medssl_scale.cli", "pretrain", "--config", str(TINY), "--no-progress",
+                          f"data.dataset={data}", "data.workers=0", "steps=3", "deepspeed.zero_stage=1",
+                          f"workdir={tmp_path / 'runs'}", "tracking.plot_every=100"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads((report / "rank-0.json").read_text())
+    b = r["bytes"]
+    assert r["world_size"] == 1 and r["model_params"] == TINY_PARAMS
+    fp32 = 4 * TINY_PARAMS
+    # One rank holds everything once: weights, their gradients, and (ZeRO's cost) a second fp32 copy to step.
+    for kind in ("params", "grads", "master"):
+        assert fp32 <= b[kind] <= fp32 + PAD, (kind, b)
+    assert 2 * fp32 <= b["optimizer_state"] <= 2 * fp32 + 2 * PAD, b  # AdamW's two moments (and a step counter)
+    assert 100 < r["peak_rss_mb"] < 8192
