@@ -121,7 +121,7 @@ def failure_action(job: dict[str, Any], container: str, exit_code: int, conditio
             if hit == (codes["operator"] == "In"):
                 return rule["action"]
         for cond in rule.get("onPodConditions", []):
-            if cond["type"] in conditions:
+            if cond["type"] in conditions and cond.get("status", "True") == "True":
                 return rule["action"]
     return "Count"
 

@@ -16,10 +16,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import functools
+
 import jsonschema
 import kubernetes_validate
 import pytest
+import referencing
 import yaml
+from needs import missing
 from pods import Pod, failure_action, kill, terminate
 from ports import free_port
 from sample_data import run_cli, training_dataset
@@ -30,8 +34,18 @@ from launchers.k8s import kustomize, manifests
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 TINY = ROOT / "configs" / "dae" / "tiny.yaml"
-VERSION = kubernetes_validate.utils.latest_version()
+# The Kubernetes minor versions every manifest must be valid for (docs/kubernetes.md, "Supported Kubernetes versions").
+SUPPORTED = ("1.31", "1.32", "1.33", "1.34", "1.35", "1.36", "1.37")
+SCHEMAS = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
 KUSTOMIZE = shutil.which("kustomize") or shutil.which("kubectl")
+
+
+def kustomize_build(d: Path) -> subprocess.CompletedProcess:
+    if KUSTOMIZE is None:
+        missing("kustomize or kubectl (to build the Kustomize overlays)",
+                "install kubectl (it builds overlays with `kubectl kustomize`) or kustomize, and put it on PATH")
+    cmd = [KUSTOMIZE, "kustomize", str(d)] if KUSTOMIZE.endswith("kubectl") else [KUSTOMIZE, "build", str(d)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -51,15 +65,48 @@ def _structural(schema):
 PYTORCHJOB_SCHEMA = _structural(yaml.safe_load((K8S / "crds" / "pytorchjob.yaml").read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 
 
-def validate(obj: dict) -> None:
-    """Raises unless ``obj`` is valid for the current Kubernetes version (strict); PyTorchJob against our CRD + core pod schema."""
+@functools.cache
+def _registry(version: str) -> referencing.Registry:
+    """The shared definitions of one Kubernetes version, strict (unknown fields are errors), read once per test process."""
+    defs = json.loads((SCHEMAS / f"v{version}.0-local-strict" / "_definitions.json").read_text())
+    return referencing.Resource.from_contents(defs) @ referencing.Registry()
+
+
+@functools.cache
+def _validator(version: str, api_version: str, kind: str) -> jsonschema.Draft202012Validator:
+    group = api_version.split("/")[0].split(".")[0] + "-" + api_version.split("/")[1] if "/" in api_version else api_version
+    schema = json.loads((SCHEMAS / f"v{version}.0-local-strict" / f"{kind.lower()}-{group}.json").read_text())
+    return jsonschema.Draft202012Validator(schema, registry=_registry(version))
+
+
+def _core_objects(obj: dict) -> list[dict]:
+    """What Kubernetes' own schemas check: the object, or for a PyTorchJob the pod template of each replica."""
+    if obj["kind"] != "PyTorchJob":
+        return [obj]
+    return [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": r["template"]}
+            for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+
+
+def validate(obj: dict, versions: tuple[str, ...] = SUPPORTED) -> None:
+    """Raises unless ``obj`` is valid (strict) for every Kubernetes minor version in ``versions``; the message names the
+    versions that refuse it. A PyTorchJob is checked against our CRD and its pod templates against the core schemas."""
     if obj["kind"] == "PyTorchJob":
         jsonschema.validate(obj, PYTORCHJOB_SCHEMA)
-        for replica in obj["spec"]["pytorchReplicaSpecs"].values():
-            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
-                                          "template": replica["template"]}, VERSION, strict=True)
-        return
-    kubernetes_validate.validate(obj, VERSION, strict=True)
+    refused = {}
+    for version in versions:
+        for core in _core_objects(obj):
+            error = jsonschema.exceptions.best_match(_validator(version, core["apiVersion"], core["kind"]).iter_errors(core))
+            if error is not None:
+                refused[version] = f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
+                break
+    if refused:
+        name = f"{obj['kind']}/{obj['metadata'].get('name')}"
+        reasons: dict[str, list[str]] = {}
+        for version, why in refused.items():
+            reasons.setdefault(why, []).append(version)
+        raise AssertionError(f"{name} is refused by Kubernetes {', '.join(refused)} (valid on: "
+                             f"{', '.join(v for v in versions if v not in refused) or 'none'}): "
+                             + "; ".join(f"[{', '.join(vs)}] {why}" for why, vs in reasons.items()))
 
 
 def _render(tmp_path: Path, *args: str) -> list[dict]:
@@ -120,12 +167,38 @@ def test_the_validator_fails_on_what_a_cluster_would_refuse():
         validate(bad)
     bad = copy.deepcopy(job)
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
-    with pytest.raises(kubernetes_validate.ValidationError):
+    with pytest.raises(AssertionError, match="'imagePullPolice' was unexpected"):
         validate(bad)
     plain = manifests.train_job(manifests.Train(name="x"), manifests.Cluster())
     plain["spec"]["parallelism"] = "all"  # not an integer
-    with pytest.raises(kubernetes_validate.ValidationError):
+    with pytest.raises(AssertionError, match=r"refused by Kubernetes 1.31, 1.32, 1.33, 1.34, 1.35, 1.36, 1.37 \(valid on: none\)"):
         validate(plain)
+
+
+def test_the_schemas_of_every_supported_kubernetes_version_are_installed():
+    installed = {kubernetes_validate.utils.major_minor(v) for v in kubernetes_validate.utils.all_versions()}
+    assert set(SUPPORTED) <= installed, f"kubernetes-validate lacks {sorted(set(SUPPORTED) - installed)}: pip install 'kubernetes-validate>=1.37'"
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert f"Kubernetes {SUPPORTED[0]} to {SUPPORTED[-1]}" in doc  # the docs state the versions the tests check
+
+
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_the_failure_policy_is_valid_on_each_supported_version(version):
+    """Before 1.35 a pod-condition rule must say its status; the rendered policy must pass, the policy without it must
+    fail exactly on 1.31-1.34: the check really is per version."""
+    jobs = [manifests.train_job(manifests.Train(name="x"), manifests.Cluster()),
+            *manifests.ingest_jobs(manifests.Ingest(name="i", dataset="d"), manifests.Cluster())[1:]]
+    for job in jobs:
+        validate(job, (version,))
+        rule = next(r for r in job["spec"]["podFailurePolicy"]["rules"] if "onPodConditions" in r)
+        assert rule["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+        old = copy.deepcopy(job)
+        del next(r for r in old["spec"]["podFailurePolicy"]["rules"] if "onPodConditions" in r)["onPodConditions"][0]["status"]
+        if version < "1.35":
+            with pytest.raises(AssertionError, match=f"refused by Kubernetes {version} .*status' is a required property"):
+                validate(old, (version,))
+        else:
+            validate(old, (version,))
 
 
 def test_the_kustomize_bases_are_what_the_code_renders():
@@ -135,13 +208,11 @@ def test_the_kustomize_bases_are_what_the_code_renders():
     assert files != kustomize.files()  # a hand edit would be noticed
 
 
-@pytest.mark.skipif(KUSTOMIZE is None, reason="needs kustomize or kubectl (kubectl kustomize) to build overlays")
 def test_every_kustomization_builds_and_validates(tmp_path):
     dirs = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
     built = {}
     for d in dirs:
-        cmd = [KUSTOMIZE, "kustomize", str(d)] if KUSTOMIZE.endswith("kubectl") else [KUSTOMIZE, "build", str(d)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        res = kustomize_build(d)
         assert res.returncode == 0, f"{d}: {res.stderr}"
         objs = [o for o in yaml.safe_load_all(res.stdout) if o]
         for obj in objs:
@@ -304,10 +375,10 @@ def test_a_pod_whose_secret_is_missing_does_not_start(tmp_path):
             {"nosecret-config": objs[1]["data"]}, {}).env()
 
 
-@pytest.mark.skipif(KUSTOMIZE is None, reason="needs kustomize or kubectl (kubectl kustomize) to build the overlay")
 def test_the_dev_mlflow_server_runs_from_its_manifest_with_authentication(tmp_path):
-    cmd = [KUSTOMIZE, "kustomize", str(K8S / "mlflow" / "overlays" / "dev")]
-    objs = [o for o in yaml.safe_load_all(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout) if o]
+    res = kustomize_build(K8S / "mlflow" / "overlays" / "dev")
+    assert res.returncode == 0, res.stderr
+    objs = [o for o in yaml.safe_load_all(res.stdout) if o]
     deploy = next(o for o in objs if o["kind"] == "Deployment")
     auth = next(o for o in objs if o["kind"] == "ConfigMap")
     port = free_port()

@@ -160,7 +160,8 @@ def _pod(cluster: Cluster, container: Obj, volumes: list[Obj], restart: str, gra
 def _failure_policy(container: str) -> Obj:
     return {"rules": [
         {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_BAD_CONFIG]}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        # status: required by the API before Kubernetes 1.35 (defaulted to "True" from 1.35 on)
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
 
 
