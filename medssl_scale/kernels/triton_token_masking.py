@@ -32,7 +32,7 @@ def _select(ids_ptr, kth_ptr, seed, N, K, BLOCK_N: tl.constexpr):
     n = tl.arange(0, BLOCK_N)
     key = tl.where(n < N, _key(seed, b, n, N), 0x7FFFFFFFFFFFFFFF)  # padding sorts last
     kth = tl.max(tl.where(n == K - 1, tl.sort(key), -1), axis=0)
-    hidden = key <= kth
+    hidden = key <= kth  # exactly K: keys are distinct (the token index is in their low bits), so no tie can add one
     slot = tl.cumsum(hidden.to(tl.int32), axis=0) - 1  # the masked tokens' places in ascending order
     tl.store(ids_ptr + b.to(tl.int64) * K + slot, n.to(tl.int64), mask=hidden)
     tl.store(kth_ptr + b, kth)
