@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from needs import missing
 from sample_data import run_cli
 
 from ingest.source_names import name_bytes, record_name
@@ -320,7 +321,7 @@ def test_an_analyze_mat_is_checked_before_nibabel_reads_it(tmp_path):
 def test_par_rec_and_afni_data_links_are_refused(tmp_path):
     data = Path(nib.__file__).parent / "tests" / "data"
     if not (data / "phantom_EPI_asc_CLEAR_2_1.PAR").exists() or not (data / "scaled+tlrc.HEAD").exists():
-        pytest.skip("nibabel's test data is not installed")
+        missing("nibabel's test data (tests/data)", "install nibabel from a wheel, which bundles it")
     marker = _marker()
     secret = _plant_secret(tmp_path / "elsewhere", marker)
     src = tmp_path / "src"

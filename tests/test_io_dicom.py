@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from needs import missing
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 from scipy.spatial.transform import Rotation
@@ -85,7 +86,7 @@ def bundled(name: str) -> Path:
     """A file from pydicom's installed test data (never a download)."""
     path = Path(pydicom.data.__file__).parent / "test_files" / name
     if not path.exists():
-        pytest.skip(f"{name} is not bundled with this pydicom")
+        missing(f"pydicom's test file {name}", "install pydicom>=3 from a wheel (its test_files are bundled)")
     return path
 
 
@@ -114,7 +115,10 @@ def stack_of(src: Path, out: Path, order=(2, 0, 1), spacing: float = 3.0, **fiel
 
 def sitk_read(folder: Path, series_uid: str) -> tuple[np.ndarray, np.ndarray]:
     """SimpleITK/GDCM's view: array as (i, j, k), affine in RAS."""
-    sitk = pytest.importorskip("SimpleITK")
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        missing("SimpleITK (the independent DICOM reader)", "pip install SimpleITK (a dependency of medssl-scale)")
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series_uid))
@@ -286,7 +290,8 @@ def test_enhanced_mr(tmp_path: Path) -> None:
 
 def _encoder_or_skip(uid: str) -> None:
     if not available_transfer_syntaxes().get(uid):
-        pytest.skip(f"pydicom has no encoder for {pydicom.uid.UID(uid).name} here (JPEG-LS needs pyjpegls)")
+        missing(f"a pydicom encoder for {pydicom.uid.UID(uid).name}",
+                "pip install -e '.[dev]' (pyjpegls for JPEG-LS, pylibjpeg-openjpeg for JPEG 2000)")
 
 
 @pytest.mark.parametrize(
