@@ -3,13 +3,19 @@
 Without ``MLFLOW_TRACKING_URI`` the store is SQLite at ``WORKDIR/mlruns.db``
 with artifacts in ``WORKDIR/mlartifacts``: nothing needs a server. With it
 set, the tracking server it names. A resumed run continues the same MLflow
-run (its id is kept in the run directory), so one run has one curve.
+run (its id is kept in the run directory), so one run has one curve, with
+each step once: MLflow cannot delete a metric point, so a step already on
+record (sent by the life that was killed) is never sent again, and steps at
+or before the checkpoint that never reached MLflow are sent from
+``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -36,6 +42,10 @@ def redact(uri: str) -> str:
         return uri
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -78,6 +88,10 @@ class Tracker:
         self.history: list[dict[str, Any]] = []
         self._pending: list[tuple[int, dict[str, float]]] = []
         self.failures = 0
+        # metric -> {step: value} the MLflow run held when last asked (on resume, after a failed send): never sent twice.
+        self._on_record: dict[str, dict[int, float]] = {}
+        self._unsure = False  # a failed send may have reached the server: ask it before sending again
+        self._differed: set[str] = set()
         if not enabled:
             return
         import mlflow
@@ -114,6 +128,8 @@ class Tracker:
                     log.warning("the dataset's manifest changed since this run started (%s... then, %s... now); "
                                 "the run keeps its first record", was[:12], manifest[:12])
                     mlflow.set_tag("medssl.dataset_manifest_changed_on_resume", manifest)
+                self._read_record(self.run.data.metrics)
+                self._backfill(cfg.run_dir / "metrics.jsonl")
         except BaseException:
             mlflow.end_run("FAILED")  # not left open for MLflow's exit hook to mark FINISHED
             raise
@@ -128,15 +144,53 @@ class Tracker:
         if len(self._pending) >= 20:
             self.flush()
 
+    def _read_record(self, keys) -> None:
+        """Every point the run holds for ``keys`` (not MLflow's own system/ figures, which it sends itself)."""
+        client = self.mlflow.tracking.MlflowClient()
+        for key in keys:
+            if not key.startswith("system/"):
+                self._on_record[key] = {m.step: m.value for m in client.get_metric_history(self.run_id, key)}
+
+    def _backfill(self, path: Path) -> None:
+        """Steps the checkpoint covers but a tracking outage kept from MLflow: a resume will not run them again."""
+        if not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                self._pending.append((int(rec["step"]), {k: float(v) for k, v in rec.items() if k != "step"}))
+
+    def _unsent(self) -> list[tuple[str, float, int]]:
+        """The pending points MLflow does not hold yet, each once; warns if a loss term on record differs."""
+        out, seen = [], set()
+        for step, rec in self._pending:
+            for k, v in rec.items():
+                held = self._on_record.get(k, {})
+                if step in held:
+                    if k not in NOT_LOSSES and k not in self._differed and not _same(held[step], v):
+                        self._differed.add(k)
+                        log.warning("%s at step %d: MLflow holds %r from before the resume, the resumed run computed %r; "
+                                    "MLflow keeps its point, metrics.jsonl has the resumed value", k, step, held[step], v)
+                elif (k, step) not in seen:
+                    seen.add((k, step))
+                    out.append((k, v, step))
+        return out
+
     def flush(self) -> None:
         if not self.enabled or not self._pending:
             return
         from mlflow.entities import Metric
 
+        if self._unsure and not self._guard("metrics", lambda: self._read_record({k for _, rec in self._pending for k in rec})):
+            return
+        self._unsure = False
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for step, rec in self._pending for k, v in rec.items()]
+        unsent = self._unsent()
+        metrics = [Metric(k, v, now, step) for k, v, step in unsent]
         if self._guard("metrics", lambda: self.mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=metrics)):
-            self._pending = []
+            self._pending = []  # sent once: nothing leaves the queue to come back, so what was sent is not kept
+        else:
+            self._unsure = True  # part of the batch may have been stored before the failure
 
     def _guard(self, what: str, call) -> bool:
         try:
