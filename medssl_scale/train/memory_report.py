@@ -4,7 +4,8 @@ Enabled by the environment variable ``MEDSSL_MEMORY_REPORT=DIR`` (the
 training-step benchmark sets it): each rank then writes ``DIR/rank-R.json``
 when its run ends. Bytes are counted once per storage (ZeRO keeps parameters
 as views into flat buffers), at the moment the optimizer steps, when the
-gradients exist:
+gradients exist. It counts at the second step (the optimizer state exists after the
+first) and then removes its hook, so the steps after it run untouched:
 
 - ``params``: the model's parameters as this rank holds them (under ZeRO-3
   its partition plus any parameters it keeps gathered);
@@ -57,9 +58,13 @@ class MemoryReport:
     def __init__(self, engine: Any, optimizer: torch.optim.Optimizer, path: Path):
         self.engine, self.optimizer, self.path = engine, optimizer, path
         self.snapshot: dict[str, int] = {}
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._count())
+        self._calls = 0
+        self._hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._count())
 
     def _count(self) -> None:
+        self._calls += 1
+        if self._calls == 2:
+            self._hook.remove()
         module_params = list(self.engine.module.parameters())
         opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         params = _storages([p.data for p in module_params] + [getattr(p, "ds_tensor", None) for p in module_params])
@@ -82,6 +87,6 @@ class MemoryReport:
 
 
 def memory_report(engine: Any, optimizer: torch.optim.Optimizer) -> MemoryReport | None:
-    """A report that counts at every optimizer step, if ``MEDSSL_MEMORY_REPORT`` asks for one."""
+    """A report of this rank's tensors at the second optimizer step, if ``MEDSSL_MEMORY_REPORT`` asks for one."""
     where = os.environ.get(ENV)
     return MemoryReport(engine, optimizer, Path(where)) if where else None
