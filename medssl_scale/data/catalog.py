@@ -30,6 +30,7 @@ class VolumeInfo:
     spacing_zyx: tuple[float, float, float]
     patient: str | None
     has_label: bool
+    dtype: str | None = None  # the stored voxel type, as the manifest records it (None: not recorded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Catalog:
             seen.add(rec.volume_id)
             x, y, z = rec.shape
             sx, sy, sz = rec.spacing
-            vols.append(VolumeInfo(rec.volume_id, rec.modality, (z, y, x), (sz, sy, sx), rec.patient, bool(rec.has_label)))
+            vols.append(VolumeInfo(rec.volume_id, rec.modality, (z, y, x), (sz, sy, sx), rec.patient, bool(rec.has_label), rec.dtype))
         if not vols:
             raise ValueError(f"{ds.root}: no usable volumes (status ok{', modality ' + '/'.join(modalities) if modalities else ''}"
                              f"{', with labels' if labelled_only else ''}) in the manifest")

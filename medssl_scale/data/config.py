@@ -115,6 +115,11 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(64, ge=1)  # shards: crops held for shuffling per worker
     prefetch: int = Field(2, ge=1, le=64)  # batches in flight per worker
     normalize: Normalize = Normalize()
+    # raw: without augmentation, crops of views kind none/pair cross from the workers in the volume's
+    # stored type (int16 for CT: half of float32) with per-sample normalisation parameters, and are
+    # normalised in the training process (on its device); the float32 values are the same.
+    # worker: normalised in the workers, float32 across (what augmentations and pcrl views always do).
+    handoff: Literal["raw", "worker"] = "raw"
     augment: list[Augment] = Field(default_factory=list)
     views: Views = Views()
 

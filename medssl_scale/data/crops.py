@@ -37,6 +37,7 @@ from medssl_scale.data.regions import superpixels
 from medssl_scale.data.transforms import (
     as_tensor,
     build_augment,
+    norm_params,
     normalize,
     run_augment,
 )
@@ -46,6 +47,15 @@ from medssl_scale.store.integrity import VolumeError
 
 CT_PAD_HU = -1024  # padding is air, not water (0 HU)
 UNLABELLED = -1
+INT16_EXACT = ("int8", "uint8", "int16")  # stored types whose every value int16 holds
+
+
+def handoff_dtype(stored: list[str | None]) -> torch.dtype:
+    """The type raw crops cross the hand-off in: int16 when every volume is stored in a type it holds exactly.
+
+    float32 otherwise, which is still exact for what :func:`normalize` sees: it casts to float32 first.
+    """
+    return torch.int16 if stored and all(d in INT16_EXACT for d in stored) else torch.float32
 
 
 class _Access:
@@ -175,23 +185,29 @@ class VolumeAccess(_Access):
 class Cropper:
     """Turns a volume (through an access) into one training sample: a crop, a view pair or PCRLv2 sub-crops."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, raw_dtype: torch.dtype = torch.float32):
         self.cfg = cfg
         kind = cfg.views.kind
         self.image_keys = {"none": ["image"], "pair": ["view1", "view2"], "pcrl": ["global1", "global2", "local"]}[kind]
         self.augment = build_augment(cfg.augment, ["image"], geometric_ok=kind == "none")
         self.min_fg = cfg.min_foreground if cfg.sampling == "foreground" else None
+        # Raw crops (and a ``norm`` field) when normalising is elementwise and nothing after it needs
+        # float: augmentations expect normalised intensities, pcrl resizes normalised sub-crops.
+        self.deferred = cfg.handoff == "raw" and self.augment is None and kind in ("none", "pair")
+        self.raw_dtype = raw_dtype if self.deferred else torch.float32
+        self._raw_np = torch.empty(0, dtype=self.raw_dtype).numpy().dtype
 
     def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each large tensor of a sample (what the loader's shared ring holds)."""
         c, vc = self.cfg.crop, self.cfg.views
         one = (1, *c)
+        image = self.raw_dtype  # float32 unless deferred
         if vc.kind == "none":
-            out = {"image": (one, torch.float32)}
+            out = {"image": (one, image)}
             if self.cfg.labels:
                 out["label"] = (one, torch.int16)
         elif vc.kind == "pair":
-            out = {"view1": (one, torch.float32), "view2": (one, torch.float32)}
+            out = {"view1": (one, image), "view2": (one, image)}
             if self.cfg.labels:
                 out.update(label1=(one, torch.int16), label2=(one, torch.int16))
         else:
@@ -231,8 +247,10 @@ class Cropper:
                     if "label" in item:
                         d["label"] = item["label"]
                 d[key] = done[0] if key != "local" else torch.cat([torch.as_tensor(p) for p in done])
-        keep = set(self.image_keys) | {"label", "regions1", "regions2"}
-        return {k: as_tensor(val) if k in keep else val for k, val in d.items() if k not in ("modality_name", "stats")}
+        keep = set(self.image_keys) | {"label", "regions1", "regions2", "norm"}
+        if "norm" in d:
+            d["norm"] = torch.from_numpy(d["norm"])
+        return {k: as_tensor(val) if k in keep - {"norm"} else val for k, val in d.items() if k not in ("modality_name", "stats")}
 
     # -- one crop -------------------------------------------------------------------
     def _single(self, access: _Access, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
@@ -244,7 +262,13 @@ class Cropper:
         d["box"] = torch.tensor(box)
 
     def _norm(self, d: dict[str, Any], x: np.ndarray) -> np.ndarray:
-        return normalize(x, d["modality_name"], d["stats"], self.cfg.normalize)
+        """Normalised float32 ``x``, or when deferred ``x`` as it crosses, with the sample's ``norm`` parameters."""
+        if not self.deferred:
+            return normalize(x, d["modality_name"], d["stats"], self.cfg.normalize)
+        d["norm"] = norm_params(x, d["modality_name"], d["stats"], self.cfg.normalize)
+        if self.raw_dtype == torch.int16 and x.dtype.name not in INT16_EXACT:
+            raise ValueError(f"a crop of {x.dtype.name} voxels where the manifest records only {', '.join(INT16_EXACT)}: it would not fit int16")
+        return x.astype(self._raw_np, copy=False)
 
     # -- two overlapping views ------------------------------------------------------
     def _pair(self, access: _Access, d: dict[str, Any], v: int, rng: np.random.Generator) -> None:
@@ -253,7 +277,10 @@ class Cropper:
         start = access.start(v, region_size, rng, self.min_fg)
         region = self._norm(d, access.read(v, (start, region_size)))
         label = access.read_label(v, (start, region_size)) if self.cfg.labels else None
-        regions = self._regions(region)
+        if self.deferred and self.cfg.views.superpixels is not None:  # superpixels follow normalised intensities
+            regions = self._regions(normalize(region, d["modality_name"], d["stats"], self.cfg.normalize))
+        else:
+            regions = self._regions(region)
         offs = [tuple(int(rng.integers(0, r - c + 1)) for r, c in zip(region_size, crop)) for _ in range(2)]
         flips = [tuple(bool(f) for f in (rng.random(3) < 0.5)) if self.cfg.views.flip else (False,) * 3 for _ in range(2)]
         lo = [max(a, b) for a, b in zip(*offs)]
@@ -324,7 +351,7 @@ class CropDataset(Dataset):
     def __init__(self, catalog: Catalog, cfg: DataConfig):
         self.catalog, self.cfg = catalog, cfg
         self.access = VolumeAccess(catalog, cfg.cache_mb)
-        self.cropper = Cropper(cfg)
+        self.cropper = Cropper(cfg, handoff_dtype([v.dtype for v in catalog.volumes]))
         self.patients = {p: i for i, p in enumerate(catalog.patients())}
 
     def __len__(self) -> int:  # the plan decides the epoch; this is the pool it draws from

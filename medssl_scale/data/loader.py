@@ -23,6 +23,7 @@ from medssl_scale.data.collate import RING_KEY, Collate, Ring
 from medssl_scale.data.config import DataConfig
 from medssl_scale.data.crops import CropDataset
 from medssl_scale.data.plan import EpochPlan, PlanSampler
+from medssl_scale.data.transforms import finish
 from medssl_scale.data.stream import (
     ShardStream,
     batches_per_worker,
@@ -51,10 +52,15 @@ class Loader:
     (one copy less per batch); a view stays valid until the consumer has
     drawn two more batches, which suits a training step that uses each batch
     before asking for the next. With a GPU, batches come in pinned memory.
+
+    Image crops are normalised float32 whatever crossed from the workers
+    (``DataConfig.handoff``): raw crops are normalised here, on ``device``
+    when one is given (the training step's GPU), so the batch's images are
+    already there; everything else stays on the host.
     """
 
     def __init__(self, cfg: DataConfig, rank: int | None = None, world: int | None = None, copy: bool = True,
-                 workers_ignore_sigterm: bool = False):
+                 workers_ignore_sigterm: bool = False, device: torch.device | str | None = None):
         r, w = _dist()
         self.cfg = cfg
         self.rank = r if rank is None else rank
@@ -66,6 +72,7 @@ class Loader:
         # to the process group must leave the workers to the rank, which finishes its step first.
         self.workers_ignore_sigterm = workers_ignore_sigterm
         self.pin = torch.cuda.is_available()
+        self.device = None if device is None or torch.device(device).type == "cpu" else torch.device(device)
         self.ring: Ring | None = None
         if cfg.source == "zarr":
             modalities = tuple(cfg.modalities) if cfg.modalities else None
@@ -114,11 +121,16 @@ class Loader:
                 assert self.ring is not None
                 batch = self.ring.take(batch, copy=self.copy, pin=self.pin)
             self.position += 1
-            yield batch
+            yield self.finish(batch)
         if self.position != len(self):
             raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after {self.position} of {len(self)} batches")
         self.epoch += 1
         self.position = 0
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch as it crossed from the workers, with its image crops normalised to float32."""
+        cropper = self.dataset.cropper
+        return finish(batch, cropper.image_keys, self.device) if "norm" in batch else batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -135,7 +147,7 @@ class Loader:
 
     def _order(self) -> dict[str, Any]:
         """What the sample order and content depend on; a resume must match it."""
-        c = self.cfg.model_dump(mode="json", exclude={"dataset", "shard_url", "cache_mb", "prefetch"})
+        c = self.cfg.model_dump(mode="json", exclude={"dataset", "shard_url", "cache_mb", "prefetch", "handoff"})
         if self.cfg.source == "zarr":
             pool = [v.volume_id for v in self.catalog.volumes]
         else:

@@ -32,7 +32,7 @@ from webdataset.tariterators import url_opener
 
 from medssl_scale.data.catalog import MODALITIES, Catalog
 from medssl_scale.data.config import DataConfig
-from medssl_scale.data.crops import ArrayAccess, Cropper
+from medssl_scale.data.crops import ArrayAccess, Cropper, handoff_dtype
 from medssl_scale.store.layout import DatasetDir, check_shard_name, open_dataset_file
 from medssl_scale.store.shards import decode_sample, read_index, verified_samples
 
@@ -79,8 +79,9 @@ class ShardStream(IterableDataset):
             raise ValueError(
                 f"{total} volumes x {cfg.crops_per_visit} crops over {world} rank(s) is less than one batch of {cfg.batch_size} per rank"
             )
-        self.cropper = Cropper(cfg)
-        self.patients = {p: i for i, p in enumerate(Catalog.load(ds.root).patients())}
+        catalog = Catalog.load(ds.root)
+        self.cropper = Cropper(cfg, handoff_dtype([v.dtype for v in catalog.volumes]))
+        self.patients = {p: i for i, p in enumerate(catalog.patients())}
         self.epoch = 0
         self.skip: list[int] = []  # batches each (logical) worker already delivered this epoch (resume)
         self.offset = 0  # the logical worker whose batch comes next

@@ -49,6 +49,48 @@ def normalize(x: np.ndarray, modality: str, stats: Mapping[str, float] | None, c
     return t.numpy()
 
 
+# Every normalisation above is clamp(lo, hi), then ((x - sub) * mul) / div + add; with mul, div or
+# add the identity where :func:`normalize` has no such step, the same float32 operations in the same order.
+NORM_FIELDS = ("lo", "hi", "sub", "mul", "div", "add")
+
+
+def norm_params(x: np.ndarray, modality: str, stats: Mapping[str, float] | None, cfg: Normalize) -> np.ndarray:
+    """What :func:`normalize` does to ``x``, as the float32 numbers of :data:`NORM_FIELDS` (a small per-sample field)."""
+    if modality == "CT":
+        lo, hi = cfg.ct_window
+        a, b = cfg.ct_range
+        p = (lo, hi, lo, (b - a) / (hi - lo), 1.0, a)
+    else:
+        if cfg.mr_stats == "volume" and stats and "clip_mean" in stats:
+            lo, hi, mean, std = stats["p0_5"], stats["p99_5"], stats["clip_mean"], stats["clip_std"]
+        else:  # from the crop itself, exactly as normalize computes them
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            lo, hi = np.percentile(t.numpy(), [0.5, 99.5])
+            c = t.clamp(float(lo), float(hi))
+            mean, std = float(c.mean()), float(c.std(unbiased=False))
+        lo, hi = float(lo), float(hi)
+        p = (lo, hi, mean, 1.0, max(std, 1e-6), 0.0) if cfg.mr_zscore else (lo, hi, lo, 1.0, max(hi - lo, 1e-6), 0.0)
+    return np.array(p, dtype=np.float32)
+
+
+def apply_norm(raw: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """float32 ``raw`` [B, ...] normalised with each sample's :func:`norm_params` row ``params`` [B, 6]."""
+    t = raw.to(torch.float32, copy=True)
+    p = params.to(t.device, torch.float32).reshape(params.shape[0], len(NORM_FIELDS), *([1] * (t.ndim - 1)))
+    lo, hi, sub, mul, div, add = p.unbind(1)
+    return t.clamp_(lo, hi).sub_(sub).mul_(mul).div_(div).add_(add)
+
+
+def finish(batch: dict[str, Any], keys: Sequence[str], device: torch.device | str | None = None) -> dict[str, Any]:
+    """A batch whose ``keys`` crossed raw (with a ``norm`` field), normalised to float32 on ``device``."""
+    params = batch.pop("norm")
+    for k in keys:
+        if k in batch:
+            x = batch[k] if device is None else batch[k].to(device, non_blocking=True)
+            batch[k] = apply_norm(x, params)
+    return batch
+
+
 class NormalizeByModalityd(MapTransform):
     """MONAI dictionary transform: normalise ``keys`` by the sample's ``modality`` and volume ``stats``."""
 
