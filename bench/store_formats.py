@@ -7,9 +7,11 @@ int16, stored (z, y, x) as the store does) is written and read back in each
 row's format, in one run, files in a temporary directory with the page cache
 warm for every row alike:
 - ``ratio``: raw bytes / bytes on disk;
-- ``write MB/s``, ``full read MB/s``: raw MB over the best of ``--repeat``;
+- ``write MB/s``, ``full read MB/s``: raw MB over the best of ``--repeat`` rounds;
 - ``crop ms``: median over ``--crops`` random 96^3 boxes (the same boxes
-  for every row) read into a new array.
+  for every row) read into a new array, each box's best of the rounds.
+Each round runs every row once, writing its files afresh, so a load change
+on a shared machine hits all rows alike.
 
 Zarr rows end every chunk in a crc32c, as the store does. ``zarr`` is
 zarr-python's codec pipeline, ``zarrs`` the Rust one the store writes with;
@@ -48,26 +50,23 @@ def _du(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def _crop_ms(read_box: Callable[[tuple[int, int, int]], np.ndarray], starts: list[tuple[int, int, int]]) -> float:
+def _crop_ms(read_box: Callable[[tuple[int, int, int]], np.ndarray], starts: list[tuple[int, int, int]]) -> list[float]:
     times = []
     for s in starts:
         t0 = time.perf_counter()
         box = read_box(s)
         times.append((time.perf_counter() - t0) * 1e3)
         assert box.shape == (CROP,) * 3
-    return statistics.median(times)
+    return times
 
 
-def zarr_row(vol: np.ndarray, path: Path, compressor, chunk: int, shard: int | None, pipeline: str, repeat: int, starts) -> dict:
+def zarr_row(vol: np.ndarray, path: Path, compressor, chunk: int, shard: int | None, pipeline: str, starts) -> dict:
     import zarr
     from zarr.codecs import Crc32cCodec
 
@@ -81,52 +80,46 @@ def zarr_row(vol: np.ndarray, path: Path, compressor, chunk: int, shard: int | N
         z[...] = vol
 
     with zarr.config.set({"codec_pipeline.path": PIPELINES[pipeline]}):
-        w = _best(write, repeat)
+        w = _seconds(write)
         z = zarr.open_array(str(path), mode="r")
         assert np.array_equal(z[...], vol)
-        r = _best(lambda: z[...], repeat)
+        r = _seconds(lambda: z[...])
         crop = _crop_ms(lambda s: z[s[0]:s[0] + CROP, s[1]:s[1] + CROP, s[2]:s[2] + CROP], starts)
     return {"write_s": w, "read_s": r, "crop_ms": crop, "stored_bytes": _du(path), "files": sum(1 for f in path.rglob("*") if f.is_file())}
 
 
-def store_row(vol: np.ndarray, root: Path, repeat: int, starts) -> dict:
+def store_row(vol: np.ndarray, root: Path, starts) -> dict:
     from medssl_scale.store.chunks import ChunkCache
     from medssl_scale.store.volumes import ArrayStore
 
     xyz = vol.T  # ArrayStore.write takes (x, y, z); its (z, y, x) view of this is vol itself
-    n = iter(range(10**6))
     store = ArrayStore(root / "volumes.zarr", root / ".tmp")
-    last = {}
-
-    def write() -> None:
-        last["id"] = f"v{next(n):019x}"
-        assert store.write(last["id"], xyz, {})
-
-    w = _best(write, repeat)
-    reader = store.reader(last["id"])
+    vid = f"v{0:019x}"
+    w = _seconds(lambda: store.write(vid, xyz, {}))
+    reader = store.reader(vid)
     reader.cache = ChunkCache(0)  # every crop decodes what it touches, as the first crop of a volume does
     full = lambda: reader.box((0, 0, 0), vol.shape)  # noqa: E731
     assert np.array_equal(full(), vol)
-    r = _best(full, repeat)
+    r = _seconds(full)
     crop = _crop_ms(lambda s: reader.box(s, (CROP,) * 3), starts)
-    path = store.dir(last["id"])
+    path = store.dir(vid)
     return {"write_s": w, "read_s": r, "crop_ms": crop, "stored_bytes": _du(path), "files": sum(1 for f in path.rglob("*") if f.is_file())}
 
 
-def npy_row(vol: np.ndarray, path: Path, repeat: int, starts) -> dict:
-    w = _best(lambda: np.save(path, vol), repeat)
-    r = _best(lambda: np.load(path), repeat)
+def npy_row(vol: np.ndarray, path: Path, starts) -> dict:
+    w = _seconds(lambda: np.save(path, vol))
+    r = _seconds(lambda: np.load(path))
     m = np.load(path, mmap_mode="r")
     crop = _crop_ms(lambda s: np.array(m[s[0]:s[0] + CROP, s[1]:s[1] + CROP, s[2]:s[2] + CROP]), starts)
     return {"write_s": w, "read_s": r, "crop_ms": crop, "stored_bytes": _du(path), "files": 1}
 
 
-def nifti_gz_row(vol: np.ndarray, path: Path, repeat: int, starts) -> dict:
+def nifti_gz_row(vol: np.ndarray, path: Path, starts) -> dict:
     import nibabel as nib
 
     img = nib.Nifti1Image(vol.T, np.eye(4))  # NIfTI is (x, y, z)
-    w = _best(lambda: nib.save(img, path), repeat)
-    r = _best(lambda: np.asanyarray(nib.load(path).dataobj), repeat)
+    w = _seconds(lambda: nib.save(img, path))
+    r = _seconds(lambda: np.asanyarray(nib.load(path).dataobj))
     # a crop of a .nii.gz decompresses the file up to the crop's end; a few crops tell the cost
     crop = _crop_ms(lambda s: np.asanyarray(nib.load(path).dataobj[s[2]:s[2] + CROP, s[1]:s[1] + CROP, s[0]:s[0] + CROP]).T,
                     starts[:3])
@@ -152,29 +145,35 @@ def main() -> None:
     zstd = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
     lz4 = BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)
     rows: list[tuple[str, str, Callable[[Path], dict]]] = [
-        ("uncompressed .npy (the ceiling)", "numpy", lambda d: npy_row(vol, d / "v.npy", args.repeat, starts)),
-        ("no compression, 64³ in 256³ shards", "zarrs", lambda d: zarr_row(vol, d / "z", None, 64, 256, "zarrs", args.repeat, starts)),
-        ("Blosc-zstd 3 + shuffle, 64³ chunks", "zarr", lambda d: zarr_row(vol, d / "z", zstd, 64, None, "zarr", args.repeat, starts)),
-        ("Blosc-zstd 3 + shuffle, 64³ chunks", "zarrs", lambda d: zarr_row(vol, d / "z", zstd, 64, None, "zarrs", args.repeat, starts)),
-        ("Blosc-lz4 5 + shuffle, 64³ chunks", "zarrs", lambda d: zarr_row(vol, d / "z", lz4, 64, None, "zarrs", args.repeat, starts)),
-        ("Zstd 3, 64³ chunks", "zarrs", lambda d: zarr_row(vol, d / "z", ZstdCodec(level=3), 64, None, "zarrs", args.repeat, starts)),
-        ("Blosc-zstd 3 + shuffle, 64³ in 256³ shards", "zarrs", lambda d: zarr_row(vol, d / "z", zstd, 64, 256, "zarrs", args.repeat, starts)),
-        ("Blosc-lz4 5 + shuffle, 64³ in 256³ shards", "zarrs", lambda d: zarr_row(vol, d / "z", lz4, 64, 256, "zarrs", args.repeat, starts)),
+        ("uncompressed .npy (the ceiling)", "numpy", lambda d: npy_row(vol, d / "v.npy", starts)),
+        ("no compression, 64³ in 256³ shards", "zarrs", lambda d: zarr_row(vol, d / "z", None, 64, 256, "zarrs", starts)),
+        ("Blosc-zstd 3 + shuffle, 64³ chunks", "zarr", lambda d: zarr_row(vol, d / "z", zstd, 64, None, "zarr", starts)),
+        ("Blosc-zstd 3 + shuffle, 64³ chunks", "zarrs", lambda d: zarr_row(vol, d / "z", zstd, 64, None, "zarrs", starts)),
+        ("Blosc-lz4 5 + shuffle, 64³ chunks", "zarrs", lambda d: zarr_row(vol, d / "z", lz4, 64, None, "zarrs", starts)),
+        ("Zstd 3, 64³ chunks", "zarrs", lambda d: zarr_row(vol, d / "z", ZstdCodec(level=3), 64, None, "zarrs", starts)),
+        ("Blosc-zstd 3 + shuffle, 64³ in 256³ shards", "zarrs", lambda d: zarr_row(vol, d / "z", zstd, 64, 256, "zarrs", starts)),
+        ("Blosc-lz4 5 + shuffle, 64³ in 256³ shards", "zarrs", lambda d: zarr_row(vol, d / "z", lz4, 64, 256, "zarrs", starts)),
         ("Blosc-lz4 5 + shuffle, 64³ in 256³ shards (the default)", "medssl store",
-         lambda d: store_row(vol, d, args.repeat, starts)),
-        (".nii.gz (gzip 1)", "nibabel", lambda d: nifti_gz_row(vol, d / "v.nii.gz", args.repeat, starts)),
+         lambda d: store_row(vol, d, starts)),
+        (".nii.gz (gzip 1)", "nibabel", lambda d: nifti_gz_row(vol, d / "v.nii.gz", starts)),
     ]
     mb = vol.nbytes / 1e6
+    runs: list[list[dict]] = [[] for _ in rows]
+    for r in range(args.repeat):
+        for i, (fmt, pipeline, run) in enumerate(rows):
+            scratch = Path(tempfile.mkdtemp(prefix="medssl-bench-store-"))
+            try:
+                runs[i].append(run(scratch))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        print(f"[bench/store_formats] round {r + 1}/{args.repeat} done", file=sys.stderr, flush=True)
     out = []
-    for fmt, pipeline, run in rows:
-        scratch = Path(tempfile.mkdtemp(prefix="medssl-bench-store-"))
-        try:
-            m = run(scratch)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        out.append({"format": fmt, "pipeline": pipeline, "ratio": round(vol.nbytes / m["stored_bytes"], 2),
-                    "write_mb_per_s": round(mb / m["write_s"], 1), "full_read_mb_per_s": round(mb / m["read_s"], 1),
-                    "crop_96_ms": round(m["crop_ms"], 2), "files": m["files"]})
+    for (fmt, pipeline, _), ms in zip(rows, runs):
+        crops = [min(c) for c in zip(*(m["crop_ms"] for m in ms))]  # each box's best round
+        out.append({"format": fmt, "pipeline": pipeline, "ratio": round(vol.nbytes / ms[0]["stored_bytes"], 2),
+                    "write_mb_per_s": round(mb / min(m["write_s"] for m in ms), 1),
+                    "full_read_mb_per_s": round(mb / min(m["read_s"] for m in ms), 1),
+                    "crop_96_ms": round(statistics.median(crops), 2), "files": ms[0]["files"]})
         print(f"[bench/store_formats] {fmt} / {pipeline}: {out[-1]}", file=sys.stderr, flush=True)
     emit({"bench": "store_formats", "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
           "volume": {"shape_xyz": list(shape), "dtype": "int16", "mb": round(mb, 1)}, "repeat": args.repeat, "crops": args.crops,
