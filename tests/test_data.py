@@ -173,6 +173,57 @@ def test_normalisation_per_modality():
     np.testing.assert_allclose(normalize(y, "MR", stats, Normalize(mr_zscore=False)), [0, 0, 0.5, 1])
 
 
+def test_batched_normalisation_parameters_reproduce_normalize():
+    from medssl_scale.data.transforms import apply_norm, norm_params
+
+    x = np.array([-2000, -1000, 0, 1000, 3000], np.int16)
+    stats = {"p0_5": 10.0, "p99_5": 110.0, "clip_mean": 60.0, "clip_std": 20.0}
+    y = np.array([0.0, 10.0, 60.0, 200.0, 35.0], np.float32)
+    cases = [(x, "CT", None, Normalize(), [0, 0, 0.5, 1, 1]),
+             (x, "CT", None, Normalize(ct_window=(-175, 250)), [0, 0, 175 / 425, 1, 1]),
+             (y, "MR", stats, Normalize(), [-2.5, -2.5, 0.0, 2.5, -1.25]),
+             (y, "MR", stats, Normalize(mr_zscore=False), [0, 0, 0.5, 1, 0.25])]
+    for raw, modality, st, c, want in cases:
+        got = apply_norm(torch.from_numpy(raw)[None], torch.from_numpy(norm_params(raw, modality, st, c))[None])[0]
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+        assert got.dtype == torch.float32
+    # Statistics of the crop itself (no stored ones): the same numbers normalize computes.
+    z = np.random.default_rng(0).normal(300, 80, (6, 5, 4)).astype(np.float32)
+    got = apply_norm(torch.from_numpy(z)[None], torch.from_numpy(norm_params(z, "MR", None, Normalize()))[None])[0]
+    np.testing.assert_allclose(got.numpy(), normalize(z, "MR", None, Normalize()), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ct_dataset(tmp_path_factory):
+    return training_dataset(tmp_path_factory.mktemp("ct"), n_patients=2, n_mr=0)
+
+
+@pytest.mark.parametrize("kind", ["none", "pair"])
+def test_raw_handoff_gives_the_float32_of_normalising_in_workers(dataset, ct_dataset, kind):
+    """Crops normalised in the workers (handoff: worker) and after the hand-off (raw) are the same float32."""
+    key = "image" if kind == "none" else "view1"
+    runs = [(ct_dataset, 2, {}), (dataset, 0, {}), (dataset, 0, {"mr_stats": "crop"}), (dataset, 0, {"mr_zscore": False})]
+    for data, workers, norm in runs:
+        got = {}
+        for where in ("worker", "raw"):
+            loader = Loader(cfg(data, workers=workers, views={"kind": kind}, labels=True, normalize=norm, handoff=where))
+            got[where] = batches(loader)
+            crossed = loader.dataset.cropper.spec()[key][1]
+            if where == "raw" and workers:
+                assert crossed == torch.int16 and loader.ring.tensors[key].dtype == torch.int16  # CT only: int16 across
+            elif where == "raw":
+                assert crossed == torch.float32  # MR volumes are stored as float: float32 raw, still exact
+            else:
+                assert crossed == torch.float32
+        assert {int(m) for b in got["raw"] for m in b["modality"]} == ({0} if data == ct_dataset else {0, 1})
+        for a, b in zip(got["worker"], got["raw"], strict=True):
+            assert a.keys() == b.keys() and "norm" not in b
+            for k in a:
+                if isinstance(a[k], torch.Tensor):
+                    assert a[k].dtype == b[k].dtype, k
+                    torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
 # -- views ------------------------------------------------------------------------------
 
 def test_view_pairs_overlap_where_they_say(dataset):
@@ -362,6 +413,39 @@ def test_ring_slots_are_not_rewritten_while_held(tmp_path):
             assert min(z, y, x) >= 0 and list(size) == [24, 24, 24]
             want = (np.clip(zyx[z : z + 24, y : y + 24, x : x + 24], -1000, 1000) + 1000) / 2000
             np.testing.assert_allclose(b["image"][i, 0].numpy(), want, atol=1e-6)
+
+
+class _Numbered(torch.utils.data.Dataset):
+    """Sample i is a crop filled with i: a slot rewritten under the consumer shows another number."""
+
+    def __len__(self) -> int:
+        return 160
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.full((1, 16, 16, 16), i, dtype=torch.int16), "index": i}
+
+
+def test_ring_slots_held_by_the_consumer_survive_two_workers_writing():
+    import time
+
+    from medssl_scale.data.collate import Collate, Ring
+
+    prefetch, batch = 2, 2
+    ring = Ring({"image": ((1, 16, 16, 16), torch.int16)}, batch, workers=2, prefetch=prefetch)
+    dl = torch.utils.data.DataLoader(_Numbered(), batch_size=batch, num_workers=2, prefetch_factor=prefetch, collate_fn=Collate(ring))
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    slots = set()
+    for n, b in enumerate(dl):
+        from medssl_scale.data.collate import RING_KEY
+
+        slots.add(int(b[RING_KEY][0]))
+        b = ring.take(b, copy=False, pin=False)
+        assert b["image"].data_ptr() in {t.data_ptr() for t in ring.tensors["image"][:, 0]}  # a view of the ring, not a copy
+        held = (held + [(b["image"], b["index"])])[-2:]  # a view stays valid until two more batches are drawn
+        time.sleep(0.004)  # a training step: both workers run ahead into their slots meanwhile
+        for image, index in held:
+            assert torch.equal(image.flatten(1).amin(1), index.to(torch.int16)) and torch.equal(image.flatten(1).amax(1), index.to(torch.int16)), n
+    assert n == 79 and len(slots) == 2 * ring.per_worker  # both workers wrote, each into its own slots
 
 
 def test_shards_leave_out_different_volumes_each_epoch(tmp_path):
