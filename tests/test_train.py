@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow_server import mlflow_server
+from mlflow_server import MlflowServer, mlflow_server
 from ports import free_port
 from sample_data import training_dataset
 
@@ -184,33 +184,60 @@ def test_tracking_server(dataset, tmp_path):
         _check_tracked(client, r, 3)
 
 
-def test_a_tracking_outage_does_not_stop_training(dataset, tmp_path, monkeypatch, caplog):
-    """The server goes away mid-run: the tracker warns and keeps the metrics; when it is back they arrive."""
+def _wait_for(cond, proc, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {what}"
+        time.sleep(0.005)
+
+
+def test_a_tracking_outage_does_not_stop_training(dataset, tmp_path):
+    """The real server is stopped mid-run and started again on its port and store: the run finishes, warns of the
+    outage, and MLflow ends with every step exactly once, the values of metrics.jsonl."""
     import mlflow
 
-    from medssl_scale.train.tracking import Tracker
-
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    cfg = load_run_config(TINY, [f"workdir={tmp_path / 'runs'}", f"data.dataset={dataset}"])
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
-    port = free_port()
-    with mlflow_server(tmp_path, port) as uri:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        tracker = Tracker(cfg, enabled=True)
-        tracker.metrics(1, {"step": 1, "loss": 1.0})
-        tracker.flush()
-    tracker.metrics(2, {"step": 2, "loss": 0.5})
-    tracker.flush()
-    tracker.plots(2, None)
-    assert tracker.failures == 2 and len(tracker._pending) == 1
-    assert "training goes on" in caplog.text
-    with mlflow_server(tmp_path, port):
-        tracker.finish("finished", None)
-        client = mlflow.tracking.MlflowClient(tracking_uri=uri)
-        assert [m.value for m in client.get_metric_history(tracker.run_id, "loss")] == [1.0, 0.5]
-        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    server = MlflowServer(tmp_path / "mlflow")
+    uri = server.start()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    log = tmp_path / "train.log"
+    steps = 20
+    p = subprocess.Popen([sys.executable, "-m", "medssl_scale.cli", "pretrain", "--config", str(TINY), "--no-progress",
+                          f"data.dataset={dataset}", f"steps={steps}", "checkpoint.every=3", "tracking.plot_every=100"],
+                         cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    metrics = tmp_path / "runs" / "dae-tiny" / "metrics.jsonl"
+    try:
+        # Frozen while the server goes: steps 1-3 went with the checkpoint at 3, step 4 waits in memory.
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, p, "step 4")
+        p.send_signal(signal.SIGSTOP)
+        client = mlflow.MlflowClient(uri)
+        (r,) = client.search_runs([client.get_experiment_by_name("medssl-tiny").experiment_id])
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3]
+        server.stop()
+        p.send_signal(signal.SIGCONT)
+        _wait_for(lambda: "MLflow tracking failed" in log.read_text(), p, "a send failed")
+        p.send_signal(signal.SIGSTOP)
+        done = len(metrics.read_text().splitlines())
+        assert done < steps, "the outage was not mid-run"
+        server.start()  # same port, same store
+        p.send_signal(signal.SIGCONT)
+        p.wait(timeout=240)
+        out = log.read_text()
+        assert p.returncode == 0 and f"finished at step {steps}" in out, out
+        assert "training goes on" in out  # the outage is a warning, not an error
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [x["step"] for x in records] == list(range(1, steps + 1))
+        r = client.get_run(r.info.run_id)
+        assert r.info.status == "FINISHED"
+        for name in ("loss", "recon_l1", "lr", "samples_per_s"):
+            points = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, name))
+            assert points == [(x["step"], x[name]) for x in records], name  # nothing lost, nothing twice
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()
+        server.stop()
 
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path):
