@@ -28,11 +28,12 @@ def _boxes(rng, shape, n=40):
 
 
 def _expected(zyx: np.ndarray, start, size, fill) -> np.ndarray:
-    out = np.full(size, fill, dtype=zyx.dtype)
-    lo = [max(0, s) for s in start]
-    hi = [min(n, s + k) for s, k, n in zip(start, size, zyx.shape)]
-    if all(h > l for l, h in zip(lo, hi)):
-        out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = zyx[tuple(slice(l, h) for l, h in zip(lo, hi))]
+    """Index by index, not by clipped ranges as the reader cuts them: each voxel of the box is the volume's voxel at that
+    index, or ``fill`` where the index falls outside."""
+    idx = [np.arange(s, s + k) for s, k in zip(start, size)]
+    inside = [(i >= 0) & (i < n) for i, n in zip(idx, zyx.shape)]
+    out = zyx[np.ix_(*[np.clip(i, 0, n - 1) for i, n in zip(idx, zyx.shape)])].copy()
+    out[~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])] = fill
     return out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from oracles import sha256sum
 from sample_data import run_cli
 
 from ingest.runner import IngestConfig, run_ingest
@@ -96,6 +97,8 @@ def test_ingest_checksums_every_chunk_and_stored_file(ds):
     files = meta["attributes"]["checksums"]["files"]
     assert sorted(files) == ["c/0/0/0", "c/0/0/1", "c/0/1/0", "c/0/1/1"]
     assert all(files[k]["bytes"] == (array / k).stat().st_size for k in files)
+    digests = sha256sum([array / k for k in sorted(files)])
+    assert {k: files[k]["sha256"] for k in files} == {k: digests[array / k] for k in files}  # by coreutils, not hashlib
     assert "checksums" not in volume_store(ds).attrs(vid)  # the store's own record, not a volume attribute
     res = run_cli("inspect", str(ds.root))
     assert "volume and shard checksums verified" in res.stdout

@@ -51,8 +51,11 @@ def _parts(collection, out, n=N, extra=()):
 
 def test_partition_of_is_stable_and_spreads():
     assert partitions.partition_of("hospital-a/ct/0001.nii.gz", 8) == partitions.partition_of("hospital-a/ct/0001.nii.gz", 8)
-    assert [partitions.partition_of(f"x/{i}", 7) for i in range(3)] == [
-        int.from_bytes(__import__("hashlib").sha256(f"x/{i}".encode()).digest()[:8], "big") % 7 for i in range(3)]
+    # The first 8 bytes of sha256, big-endian, mod n; digests from coreutils (`printf x/0 | sha256sum`), not Python:
+    # x/0 -> 04e622c795ad08e5 = 353007861400144101 = 7 * 50429694485734871 + 4
+    # x/1 -> 6e342990302ac2ec = 7941017742221165292 = 7 * 1134431106031595041 + 5
+    # x/2 -> 8efd4bbf2209463d = 10303474806775432765 = 7 * 1471924972396490395 + 0
+    assert [partitions.partition_of(f"x/{i}", 7) for i in range(3)] == [4, 5, 0]
     counts = Counter(partitions.partition_of(f"site/{i:05d}.dcm", 4) for i in range(4000))
     assert min(counts.values()) > 900
     assert partitions.parse("2/5") == (2, 5)

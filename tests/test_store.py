@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 import zarr
+from oracles import sha256sum
 
 from medssl_scale.store.layout import DatasetDir, publish_dir
 from medssl_scale.store.manifest import (
@@ -121,6 +122,9 @@ def test_shards_are_plain_webdataset_with_checksummed_index(tmp_path, codec):
         if lab is not None:
             np.testing.assert_array_equal(seen[vid][ext.replace("image", "label")], lab)
         assert seen[vid]["meta.json"]["volume_id"] == vid
+    digests = sha256sum([ds.shards / s["name"] for s in index["shards"]])
+    for s in index["shards"]:  # the index's record of each shard, against coreutils (the code uses hashlib)
+        assert (s["sha256"], s["bytes"]) == (digests[ds.shards / s["name"]], (ds.shards / s["name"]).stat().st_size)
     for s in index["shards"]:  # a well-formed tar to any reader, not just webdataset
         with tarfile.open(ds.shards / s["name"]) as tf:
             assert len({m.name.split(".")[0] for m in tf.getmembers()}) == s["samples"]

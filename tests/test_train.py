@@ -74,9 +74,18 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_warmup_then_cosine():
-    f = [lr_factor(s, 10, 2, 1.0, 0.1) for s in range(10)]
-    assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0 and abs(f[-1] - (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 7 / 8)))) < 1e-12
+    f = [lr_factor(s, 10, 2, 1.0, 0.1) for s in range(11)]
+    # Worked by hand: warmup (s + 1) / 2 for s < 2; then 0.1 + 0.9 * (1 + cos(pi * (s - 2) / 8)) / 2, with
+    # cos(pi/4) = 0.70710678, cos(3pi/4) = -0.70710678, cos(7pi/8) = -0.92387953.
+    want = {0: 0.5, 1: 1.0, 2: 1.0,
+            4: 0.86819805,  # 0.1 + 0.45 * 1.70710678
+            6: 0.55,        # 0.1 + 0.45 * 1
+            8: 0.23180195,  # 0.1 + 0.45 * 0.29289322
+            9: 0.13425421,  # 0.1 + 0.45 * 0.07612047
+            10: 0.1}        # the floor
+    assert {s: round(f[s], 8) for s in want} == want
     assert all(a >= b for a, b in zip(f[1:], f[2:]))
+    assert lr_factor(50, 10, 2, 1.0, 0.1) == 0.1 and lr_factor(10, 10, 2, 2.0, 0.1) == 0.05  # past the end; floor / peak
 
 
 def test_kill_9_then_resume_equals_the_uninterrupted_run(dataset, tmp_path):
