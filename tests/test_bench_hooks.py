@@ -34,7 +34,7 @@ def test_memory_report_counts_the_fp32_master_copy_of_zero1(tmp_path):
     assert r["world_size"] == 1 and r["model_params"] == TINY_PARAMS
     fp32 = 4 * TINY_PARAMS
     # One rank holds everything once: weights, their gradients, and (ZeRO's cost) a second fp32 copy to step.
-    for kind in ("params", "grads", "master"):
+    for kind in ("params", "grads", "master", "params_after_step"):
         assert fp32 <= b[kind] <= fp32 + PAD, (kind, b)
     assert 2 * fp32 <= b["optimizer_state"] <= 2 * fp32 + 2 * PAD, b  # AdamW's two moments (and a step counter)
     assert 100 < r["peak_rss_mb"] < 8192

@@ -7,8 +7,10 @@ as views into flat buffers), at the moment the optimizer steps, when the
 gradients exist. It counts at the second step (the optimizer state exists after the
 first) and then removes its hook, so the steps after it run untouched:
 
-- ``params``: the model's parameters as this rank holds them (under ZeRO-3
-  its partition plus any parameters it keeps gathered);
+- ``params``: the model's parameters as this rank holds them at the step
+  (under ZeRO-3 its partition); ``params_after_step``, counted when the run
+  ends, adds what ZeRO-3 keeps gathered between steps (parameters below its
+  persistence threshold);
 - ``grads``: gradient tensors reachable through ``.grad`` of the model's
   parameters and of the optimizer's (full under stage 0 and 1, the rank's
   partition under 2 and 3);
@@ -67,7 +69,7 @@ class MemoryReport:
             self._hook.remove()
         module_params = list(self.engine.module.parameters())
         opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        params = _storages([p.data for p in module_params] + [getattr(p, "ds_tensor", None) for p in module_params])
+        params = self._params()
         master = {k: v for k, v in _storages(opt_params).items() if k not in params}
         grads = _storages([p.grad for p in module_params + opt_params])
         state = _storages(_nested_tensors(list(self.optimizer.state.values())))
@@ -78,9 +80,14 @@ class MemoryReport:
         self.snapshot = {"params": sum(params.values()), "grads": sum(grads.values()), "master": sum(master.values()),
                          "optimizer_state": sum(state.values()), "other_buffers": sum(other.values())}
 
+    def _params(self) -> dict[int, int]:
+        module_params = list(self.engine.module.parameters())
+        return _storages([p.data for p in module_params] + [getattr(p, "ds_tensor", None) for p in module_params])
+
     def write(self, rank: int, world: int) -> None:
         numel = sum(max(p.numel(), getattr(p, "ds_numel", 0)) for p in self.engine.module.parameters())
-        out = {"rank": rank, "world_size": world, "model_params": numel, "bytes": self.snapshot,
+        out = {"rank": rank, "world_size": world, "model_params": numel,
+               "bytes": {**self.snapshot, "params_after_step": sum(self._params().values())},
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / f"rank-{rank}.json").write_text(json.dumps(out) + "\n")
