@@ -71,6 +71,15 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def step_data(cfg: RunConfig):
+    """The data settings the loader runs with: by default a rank's micro-batches of one step mix the visits
+    one batch of their combined size would (interleave = batch_size x grad_accum), so grad_accum=2 with
+    batch 1 trains on the samples of grad_accum=1 with batch 2 (docs/training.md, "What is tested to be equivalent")."""
+    if cfg.data.interleave is not None or cfg.deepspeed.grad_accum == 1:
+        return cfg.data
+    return cfg.data.model_copy(update={"interleave": cfg.data.batch_size * cfg.deepspeed.grad_accum})
+
+
 def _optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
@@ -140,7 +149,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     scheduler = warmup_cosine(optimizer, cfg.steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
     memory = memory_report(engine, optimizer)  # None unless MEDSSL_MEMORY_REPORT names a directory (bench/train_step.py)
-    loader = Loader(cfg.data, rank, world, copy=False, workers_ignore_sigterm=True)
+    loader = Loader(step_data(cfg), rank, world, copy=False, workers_ignore_sigterm=True, device=device)  # raw crops normalised on the device
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
     step = 0
