@@ -158,6 +158,7 @@ def main() -> None:
         (".nii.gz (gzip 1)", "nibabel", lambda d: nifti_gz_row(vol, d / "v.nii.gz", starts)),
     ]
     mb = vol.nbytes / 1e6
+    load_at_start = round(os.getloadavg()[0], 1)  # a shared machine: how busy it was
     runs: list[list[dict]] = [[] for _ in rows]
     for r in range(args.repeat):
         for i, (fmt, pipeline, run) in enumerate(rows):
@@ -177,6 +178,7 @@ def main() -> None:
         print(f"[bench/store_formats] {fmt} / {pipeline}: {out[-1]}", file=sys.stderr, flush=True)
     emit({"bench": "store_formats", "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
           "volume": {"shape_xyz": list(shape), "dtype": "int16", "mb": round(mb, 1)}, "repeat": args.repeat, "crops": args.crops,
+          "load_average_1min": [load_at_start, round(os.getloadavg()[0], 1)],
           "command": "python bench/store_formats.py " + " ".join(sys.argv[1:]), "rows": out}, args.out)
 
 
