@@ -1,31 +1,45 @@
-"""Training-loader throughput: crops/s of our loader against MONAI on the sources and against memory-mapped arrays.
+"""Training-loader throughput: crops/s of our loader against the storage ceiling and its peers (MONAI, nnU-Net v2).
 
-    python bench/loader.py [--src DIR] [--data DATASET] [--crop 96] [--workers 2] [--batch 2]
-                           [--seconds 8] [--min-crops 32] [--repeat 1] [--make 6] [--out results.json]
+    python bench/loader.py [--src DIR] [--data DATASET] [--crop 96] [--workers 2] [--batch 2] [--dataset-scale 100]
+                           [--seconds 8] [--min-crops 32] [--repeat 1] [--make 6] [--methods a,b] [--out results.json]
 
-Four ways to get random float32 crops of the same volumes, same crop size,
-same number of workers, each in its own fresh process (independent caches,
-its own peak memory):
+Ways to get random float32 crops of the same volumes, same crop size, same
+number of workers, each in its own fresh process (independent caches, its
+own peak memory):
 
-- ``monai``: what users run today: ``LoadImaged`` of the ``.nii.gz`` sources,
-  ``RandSpatialCropd``, in a ``monai.data.DataLoader``, batch size 1: one
-  crop per decoded volume.
+- ``memmap_raw``: the storage ceiling. Crops cut from uncompressed ``.npy``
+  copies of the volumes opened with ``np.load(mmap_mode="r")``, normalised
+  and batched in the benchmark process itself: no worker, no hand-off,
+  nothing decoded. It is one process, so it is the ceiling of one worker;
+  for W workers the ceiling is min(W, cores) times it
+  (``memmap_raw_ceiling_crops_per_s``). ``copy_only_crops_per_s`` is the
+  copy without the CT window, in the same process.
 - ``zarr``: ``medssl_scale.data.Loader`` on the Zarr store, default
-  ``crops_per_visit`` (8) and chunk cache; ``zarr_k1`` is the same with one
-  crop per visit and no chunk cache, so no decoded chunk is ever reused.
+  ``crops_per_visit`` (8), with a chunk cache sized as on a dataset
+  ``--dataset-scale`` times larger (512 MiB / scale per worker), so it
+  cannot hold the whole dataset; its hit rate is reported.
+  ``zarr_cache_all`` is the default 512 MiB cache (it holds this whole
+  dataset); ``zarr_k1`` one crop per visit and no cache, so no decoded
+  chunk is ever reused; ``zarr_worker`` is ``zarr`` with ``handoff:
+  worker`` (normalised in the workers, float32 across the hand-off: the
+  hand-off before raw crops).
 - ``shards``: the same Loader streaming the dataset's WebDataset shards.
-- ``memmap``: crops copied out of uncompressed ``.npy`` files opened with
-  ``np.load(mmap_mode="r")``, handed over through the same shared batch ring
-  as our loader: the ceiling of the machine, as nothing is decoded.
-  ``memmap_pytorch`` is the same through PyTorch's own hand-off (a new
-  shared-memory segment per batch), what a plain DataLoader reaches.
+- ``memmap``: the memory-mapped crops through our hand-off (int16 through
+  the shared batch ring, normalised after it); ``memmap_pytorch`` normalised
+  in workers and through PyTorch's own hand-off (a new shared-memory
+  segment per batch), what a plain DataLoader reaches.
+- ``monai``: ``LoadImaged`` of the ``.nii.gz`` sources, ``RandSpatialCropd``,
+  batch size 1: one crop per decoded volume. ``monai_samples``,
+  ``monai_persistent`` and ``nnunetv2`` are in bench/loader_peers.py.
 
 Every method normalises its crops with the same CT window ([-1000, 1000] HU
 -> [0, 1]) to float32, as our loader does; augmentation is off. Crops (not
 batches) are counted after a warm-up batch, for at least ``--seconds`` and
 ``--min-crops``, with the page cache warm for every method alike.
 ``peak_rss_mb`` is ru_maxrss of a method's process plus that of its largest
-worker (RUSAGE_CHILDREN), the most over the methods.
+worker (RUSAGE_CHILDREN), the most over the methods. ``aims`` says whether
+zarr reaches half the ceiling, 10x the best MONAI variant and 1.5x nnU-Net's
+loader.
 
 Without --src/--data, phantoms and their dataset are made (once) under
 /tmp/medssl-bench-loader. Prints one JSON object on stdout; progress on stderr.
@@ -59,10 +73,12 @@ os.environ.setdefault("MEDSSL_SITE_SECRET", "benchmark-secret-not-for-real-data"
 import numpy as np
 import torch
 
-METHODS = ("monai", "monai_samples", "monai_persistent", "nnunetv2", "zarr", "zarr_k1", "shards", "memmap", "memmap_pytorch")
+METHODS = ("monai", "monai_samples", "monai_persistent", "nnunetv2", "zarr", "zarr_k1", "zarr_worker", "zarr_cache_all", "shards",
+           "memmap_raw", "memmap", "memmap_pytorch")
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "medssl-bench-loader"
 PEERS = {"monai_samples": "run_monai_samples", "monai_persistent": "run_monai_persistent", "nnunetv2": "run_nnunet"}
 CT_WINDOW = (-1000.0, 1000.0)  # DataConfig's default normalisation, applied by every method
+DEFAULT_CACHE_MB = 512  # DataConfig.cache_mb
 
 
 def log(msg: str) -> None:
@@ -207,7 +223,7 @@ def run_loader(args: argparse.Namespace, source: str, **kw: Any) -> dict[str, An
     return {**result, "settings": settings}
 
 
-def zarr_cache_stats(args: argparse.Namespace, crops: int) -> dict[str, Any]:
+def zarr_cache_stats(args: argparse.Namespace, crops: int, cache_mb: int) -> dict[str, Any]:
     """Chunk-cache hits over one worker's share of the timed crops, replayed in this process.
 
     Workers keep their caches to themselves; the same plan run without workers visits the
@@ -215,7 +231,7 @@ def zarr_cache_stats(args: argparse.Namespace, crops: int) -> dict[str, Any]:
     """
     from medssl_scale.data.loader import Loader
 
-    loader = Loader(_data_config(args, "zarr", workers=0))
+    loader = Loader(_data_config(args, "zarr", workers=0, cache_mb=cache_mb))
     n = 0
     for batch in loader:
         n += batch["image"].shape[0]
@@ -224,14 +240,18 @@ def zarr_cache_stats(args: argparse.Namespace, crops: int) -> dict[str, Any]:
     cache = loader.dataset.access.cache
     total = cache.hits + cache.misses
     return {"crops": n, "hits": cache.hits, "misses": cache.misses, "hit_rate": round(cache.hits / max(1, total), 4),
-            "cached_mb_at_end": round(cache.nbytes / 2**20, 1)}
+            "cache_mb": cache_mb, "cached_mb_at_end": round(cache.nbytes / 2**20, 1)}
 
 
 class MemmapCrops(torch.utils.data.Dataset):
-    """Random crops copied out of memory-mapped (z, y, x) arrays; endless (the timer stops it)."""
+    """Random crops copied out of memory-mapped (z, y, x) arrays; endless (the timer stops it).
 
-    def __init__(self, paths: list[Path], crop: tuple[int, int, int], seed: int = 0):
-        self.paths, self.crop, self.seed = paths, crop, seed
+    ``raw``: the int16 crop and its normalisation parameters, normalised after the hand-off as
+    our loader does; otherwise normalised float32 here. ``normalised=False``: the copy only.
+    """
+
+    def __init__(self, paths: list[Path], crop: tuple[int, int, int], seed: int = 0, raw: bool = False, normalised: bool = True):
+        self.paths, self.crop, self.seed, self.raw, self.normalised = paths, crop, seed, raw, normalised
         self._arrays: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -239,7 +259,7 @@ class MemmapCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         from medssl_scale.data.config import Normalize
-        from medssl_scale.data.transforms import normalize
+        from medssl_scale.data.transforms import norm_params, normalize
 
         if self._arrays is None:  # opened in the worker: mappings are per process
             self._arrays = [np.load(p, mmap_mode="r") for p in self.paths]
@@ -247,29 +267,57 @@ class MemmapCrops(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, i])
         start = [int(rng.integers(0, n - c + 1)) for n, c in zip(a.shape, self.crop)]
         x = np.array(a[tuple(slice(s, s + c) for s, c in zip(start, self.crop))])
+        if self.raw:
+            return {"image": torch.from_numpy(x)[None], "norm": torch.from_numpy(norm_params(x, "CT", None, Normalize()))}
+        if not self.normalised:
+            return {"image": torch.from_numpy(x)[None]}
         return {"image": torch.from_numpy(normalize(x, "CT", None, Normalize()))[None]}
 
 
+def run_memmap_raw(args: argparse.Namespace) -> dict[str, Any]:
+    """The storage ceiling: crops cut from the memory-mapped arrays and normalised in this process (no worker, no hand-off)."""
+    paths = sorted(args.npy.glob("*.npy"))
+
+    def batches(ds: MemmapCrops) -> Iterator[dict[str, Any]]:
+        i = 0
+        while True:
+            yield {"image": torch.stack([ds[i + j]["image"] for j in range(args.batch)])}
+            i += args.batch
+
+    result = time_crops(batches(MemmapCrops(paths, tuple(args.crop))), args.seconds, args.min_crops)
+    # The copy alone (int16, no window), in the same process: what the window costs on top.
+    copy = time_crops(({"image": b["image"].float()} for b in batches(MemmapCrops(paths, tuple(args.crop), normalised=False))),
+                      max(1.0, args.seconds / 3), args.min_crops)
+    return {**result, "copy_only_crops_per_s": copy["crops_per_s"],
+            "settings": {"batch_size": args.batch, "files": len(paths), "handoff": "none (one process)"}}
+
+
 def run_memmap(args: argparse.Namespace, ring: bool = True) -> dict[str, Any]:
-    """Memory-mapped crops through the same batch hand-off as our loader (the ring), or PyTorch's own."""
+    """Memory-mapped crops through the same hand-off as our loader (int16 through the ring, normalised
+    after it), or normalised in the workers and through PyTorch's own hand-off."""
     from medssl_scale.data.collate import Collate, Ring
+    from medssl_scale.data.transforms import finish
 
     paths = sorted(args.npy.glob("*.npy"))
     kw: dict[str, Any] = {}
     r = None
     if ring and args.workers:
-        r = Ring({"image": ((1, *args.crop), torch.float32)}, args.batch, args.workers, 2)
+        r = Ring({"image": ((1, *args.crop), torch.int16)}, args.batch, args.workers, 2)
         kw = {"collate_fn": Collate(r), "prefetch_factor": 2}
-    loader = torch.utils.data.DataLoader(MemmapCrops(paths, tuple(args.crop)), batch_size=args.batch, num_workers=args.workers, **kw)
+    dataset = MemmapCrops(paths, tuple(args.crop), raw=ring)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, num_workers=args.workers, **kw)
 
     def batches() -> Iterator[dict[str, Any]]:
         for b in loader:
-            yield r.take(b, copy=True, pin=False) if r is not None else b
+            if r is not None:
+                b = r.take(b, copy=False, pin=False)  # the view is normalised into a new tensor at once
+            yield finish(b, ["image"]) if "norm" in b else b
 
     it = batches()
     result = time_crops(it, args.seconds, args.min_crops)
     it.close()
-    return {**result, "settings": {"batch_size": args.batch, "files": len(paths), "handoff": "ring" if r is not None else "pytorch"}}
+    handoff = "ring, int16, normalised after" if r is not None else ("pytorch, float32" if not ring else "none (workers 0)")
+    return {**result, "settings": {"batch_size": args.batch, "files": len(paths), "handoff": handoff}}
 
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
@@ -280,22 +328,61 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
         out = getattr(loader_peers, PEERS[args.only])(args)
     elif args.only == "zarr":
-        out = run_loader(args, "zarr")
+        out = run_loader(args, "zarr", cache_mb=args.cache_mb)
+    elif args.only == "zarr_worker":  # the hand-off before: normalised in the workers, float32 across
+        out = run_loader(args, "zarr", cache_mb=args.cache_mb, handoff="worker")
+    elif args.only == "zarr_cache_all":
+        out = run_loader(args, "zarr", cache_mb=DEFAULT_CACHE_MB)
     elif args.only == "zarr_k1":
         out = run_loader(args, "zarr", crops_per_visit=1, cache_mb=0)
     elif args.only == "shards":
         out = run_loader(args, "shards")
+    elif args.only == "memmap_raw":
+        out = run_memmap_raw(args)
     elif args.only == "memmap_pytorch":
         out = run_memmap(args, ring=False)
     else:
         out = run_memmap(args)
     out["peak_rss_mb"] = peak_rss_mb()  # before the replay below, which is not part of the method
-    if args.only == "zarr":
-        out["cache"] = zarr_cache_stats(args, min(out["crops"] // max(1, args.workers), 4000))
+    if args.only in ("zarr", "zarr_cache_all"):
+        mb = args.cache_mb if args.only == "zarr" else DEFAULT_CACHE_MB
+        out["cache"] = zarr_cache_stats(args, min(out["crops"] // max(1, args.workers), 4000), mb)
     return out
 
 
 # -- the whole run --------------------------------------------------------------------------
+
+
+MONAI = ("monai", "monai_samples", "monai_persistent")
+AIMS = {"zarr_vs_memmap_raw_ceiling": 0.5, "zarr_vs_best_monai": 10.0, "zarr_vs_nnunetv2": 1.5}
+
+
+def comparisons(rate: dict[str, float], workers: int, cores: int) -> dict[str, Any]:
+    """Ratios against the storage ceiling and the fairest peers, and whether the aims are met.
+
+    ``memmap_raw`` runs in one process, so it is the ceiling of one worker; for W workers the
+    ceiling is min(W, cores) times it (the main process shares those cores, so this is generous).
+    """
+    out: dict[str, Any] = {}
+    if "memmap_raw" in rate:
+        ceiling = rate["memmap_raw"] * min(max(1, workers), cores)
+        out["memmap_raw_ceiling_crops_per_s"] = round(ceiling, 2)
+        for m in ("zarr", "zarr_k1", "zarr_worker", "zarr_cache_all", "shards", "memmap", "memmap_pytorch", "nnunetv2", *MONAI):
+            if m in rate:
+                out[f"{m}_vs_memmap_raw_ceiling"] = round(rate[m] / ceiling, 3)
+    monai = [m for m in MONAI if m in rate]
+    if "zarr" in rate:
+        if monai:
+            best = max(monai, key=lambda m: rate[m])
+            out["best_monai"] = best
+            out["zarr_vs_best_monai"] = round(rate["zarr"] / rate[best], 2)
+        for peer in ("nnunetv2", "zarr_worker", "memmap"):
+            if peer in rate:
+                out[f"zarr_vs_{peer}"] = round(rate["zarr"] / rate[peer], 3)
+        if "shards" in rate and monai:
+            out["shards_vs_best_monai"] = round(rate["shards"] / rate[out["best_monai"]], 2)
+    out["aims"] = {k: {"aim": f">= {v}", "value": out.get(k), "met": None if k not in out else out[k] >= v} for k, v in AIMS.items()}
+    return out
 
 
 def child_command(args: argparse.Namespace, method: str) -> list[str]:
@@ -303,6 +390,7 @@ def child_command(args: argparse.Namespace, method: str) -> list[str]:
         sys.executable, str(Path(__file__).resolve()), "--only", method, "--src", str(args.src), "--data", str(args.data),
         "--npy", str(args.npy), "--crop", ",".join(map(str, args.crop)), "--workers", str(args.workers), "--batch", str(args.batch),
         "--seconds", str(args.seconds), "--min-crops", str(args.min_crops), "--max-items", str(args.max_items),
+        "--cache-mb", str(args.cache_mb),
     ]
 
 
@@ -332,15 +420,22 @@ def main() -> None:
     ap.add_argument("--make", type=int, default=6, help="phantoms to generate when --src is missing or empty")
     ap.add_argument("--shard-mb", type=int, default=40, help="shard size when this script ingests --data")
     ap.add_argument("--methods", default=",".join(METHODS), help="a subset of " + ",".join(METHODS))
+    ap.add_argument("--dataset-scale", type=float, default=100.0,
+                    help="size zarr's chunk cache as on a dataset this many times larger: cache_mb = 512 / scale (per worker)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     # Internal: one method in this process (the parent runs each method in a fresh child).
     ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--npy", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--max-items", type=int, default=200_000, help=argparse.SUPPRESS)
+    ap.add_argument("--cache-mb", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.crop = [int(c) for c in args.crop.split(",")] * (3 if "," not in args.crop else 1)
-    if args.workers < 0 or args.batch < 1 or len(args.crop) != 3:
-        ap.error("--workers >= 0, --batch >= 1 and --crop N or D,H,W")
+    if args.workers < 0 or args.batch < 1 or len(args.crop) != 3 or args.dataset_scale < 1:
+        ap.error("--workers >= 0, --batch >= 1, --dataset-scale >= 1 and --crop N or D,H,W")
+    if args.cache_mb is None:
+        # The cache holds the same share of the data as the default cache would of a dataset
+        # dataset_scale times this one: rounded down, as cache_mb is whole MiB.
+        args.cache_mb = max(1, int(DEFAULT_CACHE_MB / args.dataset_scale))
 
     if args.only:
         print(json.dumps(run_one(args)))
@@ -391,10 +486,13 @@ def main() -> None:
         result[f"{m}_crops_per_s"] = rate[m]
     result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs.values())
     result["peak_rss_mb_by_method"] = {m: r["peak_rss_mb"] for m, r in runs.items()}
-    for ours in ("zarr", "shards"):
-        for base in ("monai", "memmap"):
-            if ours in rate and base in rate:
-                result[f"{ours}_vs_{base}"] = round(rate[ours] / rate[base], 3)
+    result.update(comparisons(rate, args.workers, os.cpu_count() or 1))
+    if "zarr" in runs:
+        c = runs["zarr"]["cache"]
+        result["zarr_cache"] = {"cache_mb_per_worker": args.cache_mb, "dataset_scale": args.dataset_scale, "hit_rate": c["hit_rate"],
+                                "dataset_decoded_mb": round(npy_mb, 1)}
+    if "zarr_cache_all" in runs:
+        result["zarr_cache_all_hit_rate"] = runs["zarr_cache_all"]["cache"]["hit_rate"]
     result.update(
         crop=args.crop,
         workers=args.workers,
