@@ -38,15 +38,15 @@ def _start(collection, out, *extra):
 
 
 def _kill_when(proc, ready, timeout=60.0):
-    """SIGKILL the whole ingest (workers too) as soon as ``ready()`` holds."""
+    """SIGKILL the whole ingest (workers too) as soon as ``ready()`` holds; fails if it never did while the ingest ran."""
     t0 = time.monotonic()
     while not ready():
-        if proc.poll() is not None or time.monotonic() - t0 > timeout:
-            return False
+        assert proc.poll() is None, "the ingest ended before the kill point: this test resumed nothing"
+        assert time.monotonic() - t0 < timeout, "the kill point never came"
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return True
+    assert proc.returncode == -signal.SIGKILL, "the ingest ended by itself before the kill landed"
 
 
 def _lines(path):
@@ -76,11 +76,10 @@ def test_kill_then_resume_equals_uninterrupted(collection, reference, tmp_path, 
         "after-first-shard": lambda: (ds.shards / "shard-000000.tar").exists(),
     }[moment]
     proc = _start(collection, out)
-    killed = _kill_when(proc, ready)
-    if killed:
-        # without --resume the interrupted dataset is refused with a clear message
-        res = run_cli("ingest", str(collection), "--out", str(out), *ARGS, check=False)
-        assert res.returncode == 2 and "--resume" in res.stderr
+    _kill_when(proc, ready)  # fails unless the kill landed while the ingest ran
+    # without --resume the interrupted dataset is refused with a clear message (so it had not finished)
+    res = run_cli("ingest", str(collection), "--out", str(out), *ARGS, check=False)
+    assert res.returncode == 2 and "--resume" in res.stderr
     run_cli("ingest", str(collection), "--out", str(out), "--workers", "2", "--resume", *ARGS)
     assert _leftovers(ds) == []
     assert check_dataset(ds) == []
@@ -90,9 +89,12 @@ def test_kill_then_resume_equals_uninterrupted(collection, reference, tmp_path, 
 def test_killed_twice_including_during_resume(collection, reference, tmp_path):
     out = tmp_path / "ds"
     ds = DatasetDir(out)
+    total = _lines(DatasetDir(reference).manifest)
     _kill_when(_start(collection, out), lambda: _lines(ds.manifest) >= 6)
     n = _lines(ds.manifest)
+    assert n < total
     _kill_when(_start(collection, out, "--resume"), lambda: _lines(ds.manifest) >= n + 4)
+    assert _lines(ds.manifest) < total  # the second kill landed during the resume, not after it
     run_cli("ingest", str(collection), "--out", str(out), "--resume", *ARGS)
     assert _leftovers(ds) == [] and check_dataset(ds) == []
     assert_same_dataset(reference, out)
@@ -132,7 +134,9 @@ def test_a_killed_pool_process_does_not_lose_items(collection, reference, tmp_pa
             target = server if victim == "forkserver" else (workers[0] if workers else None)
         time.sleep(0.002)
     assert target is not None, f"no {victim} process found"
+    done = _lines(ds.manifest)
     os.kill(target, signal.SIGKILL)
+    assert done < _lines(DatasetDir(reference).manifest)  # the ingest still had items to do when its process went
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert check_dataset(ds) == []
@@ -153,6 +157,7 @@ def test_workers_do_not_outlive_a_killed_ingest(collection, tmp_path):
     assert workers, "no worker processes found"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed while it ran, not reaped after it finished
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{w}") and b"" != _cmdline(w) for w in workers):
         time.sleep(0.05)
