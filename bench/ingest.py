@@ -111,6 +111,7 @@ def main() -> None:
             src = scratch / "collection"
             make_collection(src, args.n, tuple(int(s) for s in args.shape.split(",")))
         source_bytes = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+        load_at_start = round(os.getloadavg()[0], 1)
         decode_only(src)  # warm the page cache and imports for every contender alike
         # Rounds interleave the contenders, so a load change on a shared machine hits them alike; best of the rounds each.
         contenders = {"decode_only_s": lambda: decode_only(src)[0], "decode_only_2threads_s": lambda: decode_only(src, threads=2)[0],
@@ -142,6 +143,8 @@ def main() -> None:
         result["ratio_1w_same_threads"] = round(best["ingest_1w_s"] / dec_2t, 3)
         result["ratio_2w_same_procs"] = round(best["ingest_2w_s"] / dec_2p, 3)
         result["aim_ratio_1w"] = 1.5
+        result["load_average_1min_at_start"] = load_at_start
+        result["load_average_1min_at_end"] = round(os.getloadavg()[0], 1)  # a shared machine: how busy it was
         result["command"] = "python bench/ingest.py " + " ".join(sys.argv[1:])
         emit(result, args.out)
     finally:
