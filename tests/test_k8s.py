@@ -1,4 +1,4 @@
-"""Kubernetes without a cluster: every manifest against Kubernetes' schemas (strict), the Kustomize bases against the
+"""Kubernetes without a cluster: every manifest against the schemas of Kubernetes 1.31 to 1.37 (strict), the Kustomize bases against the
 code that renders them, and the rendered pods run for real as local processes (training with a killed node and a
 SIGTERM, the MLflow server with authentication)."""
 
