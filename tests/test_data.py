@@ -141,6 +141,25 @@ def test_sample_content_does_not_depend_on_workers(dataset):
         torch.testing.assert_close(a[s], b[s], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pairs", [False, True])
+def test_visit_scoped_cache_forgets_each_volume_after_its_visit(dataset, pairs):
+    lru = Loader(cfg(dataset, pairs=pairs, crops_per_visit=3))
+    visit = Loader(cfg(dataset, pairs=pairs, crops_per_visit=3, cache_scope="visit"))
+    access = visit.dataset.access
+    unit = 2 if pairs else 1
+    held, out = [], []
+    for b in visit.epoch_batches():  # workers=0: a batch's samples are all cut when it arrives
+        out.append(b)
+        cached = {p.name for p in access.cache.paths()}
+        held.append(len(cached))
+        ended = {v for v, s in zip(b["volume"], b["slot"].tolist()) if (s // unit) % 3 == 2}
+        assert not ended & cached, "a volume's chunks outlived its visit"
+        assert len(cached) <= 2 * unit  # interleave (= batch_size 2) visits in flight, of `unit` volumes each
+    same(batches(lru), out)
+    assert max(held) > 0 and access.cache.nbytes == 0 and len(access.cache) == 0  # every visit ended, nothing kept
+    assert lru.dataset.access.cache.nbytes > 0  # lru keeps what it decoded
+
+
 def test_foreground_sampling_avoids_air(tmp_path):
     # A volume that is air except one corner block: uniform crops mostly miss it.
     vol = np.full((96, 96, 96), -1000, np.int16)
@@ -221,7 +240,7 @@ def test_raw_handoff_gives_the_float32_of_normalising_in_workers(dataset, ct_dat
             for k in a:
                 if isinstance(a[k], torch.Tensor):
                     assert a[k].dtype == b[k].dtype, k
-                    torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+                    torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
 # -- views ------------------------------------------------------------------------------

@@ -307,19 +307,19 @@ def test_only_the_codecs_the_store_writes_are_accepted(ds, edit, cause, inspect)
     assert rc == 1 and f"volumes.zarr/{vid}/zarr.json" in err
 
 
-@pytest.mark.parametrize("name", ["gzip", "zstd"])
+@pytest.mark.parametrize("name", ["gzip", "zstd", "blosc"])
 def test_a_chunk_that_inflates_past_its_shape_is_refused(tmp_path, name):
     """A crafted chunk (valid crc32c, sealed) that decompresses to far more than a chunk holds: no bomb."""
     import numcodecs
     import zarr
-    from zarr.codecs import Crc32cCodec, GzipCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
     array = tmp_path / "a"
-    z = zarr.create_array(str(array), shape=(8, 8, 8), dtype="int16", chunks=(8, 8, 8),
-                          compressors=[GzipCodec() if name == "gzip" else ZstdCodec(), Crc32cCodec()])
+    codec = {"gzip": GzipCodec(), "zstd": ZstdCodec(), "blosc": BloscCodec(cname="lz4", typesize=2)}[name]
+    z = zarr.create_array(str(array), shape=(8, 8, 8), dtype="int16", chunks=(8, 8, 8), compressors=[codec, Crc32cCodec()])
     z[...] = 1
     big = np.zeros(64 << 20, dtype=np.uint8)  # 64 MiB where the chunk holds 1 KiB
-    packed = numcodecs.GZip(level=1).encode(big) if name == "gzip" else numcodecs.Zstd(level=1).encode(big)
+    packed = {"gzip": numcodecs.GZip(level=1), "zstd": numcodecs.Zstd(level=1), "blosc": numcodecs.Blosc(cname="lz4")}[name].encode(big)
     (array / "c" / "0" / "0" / "0").write_bytes(bytes(numcodecs.CRC32C().encode(packed)))
     seal(array)
     with pytest.raises(VolumeError, match=f"a/c/0/0/0: corrupt chunk"):

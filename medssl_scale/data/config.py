@@ -112,6 +112,10 @@ class DataConfig(_Strict):
     interleave: int | None = Field(None, ge=1, le=1 << 16)  # volumes a worker visits at once (default: the batch size, so a batch mixes volumes)
     samples_per_epoch: int | None = Field(None, ge=1)  # default: every volume visited once (crops_per_visit crops each)
     cache_mb: int = Field(512, ge=0)  # decoded-chunk cache per worker
+    # lru: chunks stay until the cache is full (a small dataset is decoded once); visit: a worker forgets
+    # a volume's chunks after the last crop of its visit, so its cache holds only the visits in flight,
+    # which is all a dataset much larger than cache_mb ever reuses anyway
+    cache_scope: Literal["lru", "visit"] = "lru"
     shuffle_buffer: int = Field(64, ge=1)  # shards: crops held for shuffling per worker
     prefetch: int = Field(2, ge=1, le=64)  # batches in flight per worker
     normalize: Normalize = Normalize()

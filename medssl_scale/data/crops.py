@@ -182,6 +182,14 @@ class VolumeAccess(_Access):
             return np.full(box[1], UNLABELLED, dtype=np.int16)
         return self.reader(index, labels=True).box(box[0], box[1], fill=0).astype(np.int16)
 
+    def forget(self, index: int) -> None:
+        """Drop the cached chunks of volume ``index`` (and of its label map)."""
+        self._fresh()
+        for labels in (False, True):
+            r = self._readers.get(("labels" if labels else "volumes", index))
+            if r is not None:
+                self.cache.drop(r.path)
+
 class Cropper:
     """Turns a volume (through an access) into one training sample: a crop, a view pair or PCRLv2 sub-crops."""
 
@@ -362,6 +370,9 @@ class CropDataset(Dataset):
             raise TypeError("CropDataset is indexed by plan samples: use it through medssl_scale.data.Loader or a PlanSampler")
         info = self.catalog.volumes[s.volume]
         out = self.cropper(self.access, s.volume, np.random.default_rng([self.cfg.seed, s.epoch, s.slot]))
+        unit = 2 if self.cfg.pairs else 1  # a pair visit's slots alternate CT and MR (plan.PlanSampler)
+        if self.cfg.cache_scope == "visit" and (s.slot // unit) % self.cfg.crops_per_visit == self.cfg.crops_per_visit - 1:
+            self.access.forget(s.volume)  # the visit's last crop of this volume
         out.update(
             volume=info.volume_id,
             modality=MODALITIES.index(info.modality),

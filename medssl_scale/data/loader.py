@@ -147,7 +147,7 @@ class Loader:
 
     def _order(self) -> dict[str, Any]:
         """What the sample order and content depend on; a resume must match it."""
-        c = self.cfg.model_dump(mode="json", exclude={"dataset", "shard_url", "cache_mb", "prefetch", "handoff"})
+        c = self.cfg.model_dump(mode="json", exclude={"dataset", "shard_url", "cache_mb", "cache_scope", "prefetch", "handoff"})
         if self.cfg.source == "zarr":
             pool = [v.volume_id for v in self.catalog.volumes]
         else:

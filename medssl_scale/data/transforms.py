@@ -75,10 +75,18 @@ def norm_params(x: np.ndarray, modality: str, stats: Mapping[str, float] | None,
 
 def apply_norm(raw: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """float32 ``raw`` [B, ...] normalised with each sample's :func:`norm_params` row ``params`` [B, 6]."""
-    t = raw.to(torch.float32, copy=True)
-    p = params.to(t.device, torch.float32).reshape(params.shape[0], len(NORM_FIELDS), *([1] * (t.ndim - 1)))
-    lo, hi, sub, mul, div, add = p.unbind(1)
-    return t.clamp_(lo, hi).sub_(sub).mul_(mul).div_(div).add_(add)
+    if raw.device.type != "cpu":
+        t = raw.to(torch.float32, copy=True)
+        p = params.to(t.device, torch.float32).reshape(params.shape[0], len(NORM_FIELDS), *([1] * (t.ndim - 1)))
+        lo, hi, sub, mul, div, add = p.unbind(1)
+        return t.clamp_(lo, hi).sub_(sub).mul_(mul).div_(div).add_(add)
+    # On the CPU, broadcast tensor operands run 5x slower than scalars (measured: 2.9 against 0.55 ms
+    # for two 96^3 crops), and torch.empty faults per 4 KiB page: numpy's buffer, one sample at a time.
+    t = torch.from_numpy(np.empty(tuple(raw.shape), dtype=np.float32))
+    t.copy_(raw)
+    for row, (lo, hi, sub, mul, div, add) in zip(t, params.to(torch.float32).tolist()):
+        row.clamp_(lo, hi).sub_(sub).mul_(mul).div_(div).add_(add)
+    return t
 
 
 def finish(batch: dict[str, Any], keys: Sequence[str], device: torch.device | str | None = None) -> dict[str, Any]:

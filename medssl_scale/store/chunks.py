@@ -61,6 +61,9 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, key: Any) -> np.ndarray | None:
         item = self._items.get(key)
         if item is None:
@@ -86,6 +89,15 @@ class ChunkCache:
         self._items.clear()
         self.nbytes = 0
 
+    def paths(self) -> set[Path]:
+        """The arrays that have chunks in the cache."""
+        return {k[0] for k in self._items}
+
+    def drop(self, path: Path) -> None:
+        """Forget the chunks of the array at ``path`` (keys are ``(path, grid)``)."""
+        for key in [k for k in self._items if k[0] == path]:
+            self.nbytes -= self._items.pop(key).nbytes
+
 
 def _compressor(codecs: list[dict[str, Any]]) -> str | None:
     """The compressor of a checked ``[bytes, compressor?, crc32c]`` pipeline (read_meta allows no other)."""
@@ -102,9 +114,16 @@ def _inflate(name: str | None, data: bytes, nbytes: int) -> bytes | np.ndarray:
         if len(out) > nbytes or not d.eof:
             raise ValueError(f"decompresses to more than the chunk's {nbytes} bytes, or not completely")
         return out
-    out = np.zeros(nbytes, dtype=np.uint8)  # blosc and zstd refuse a frame larger than the buffer they are given
-    codec = numcodecs.Blosc() if name == "blosc" else numcodecs.Zstd()
-    return codec.decode(data, out=out)
+    if name == "blosc":
+        # A Blosc frame states its decoded size in its 16-byte header (bytes 4-7, little-endian): one
+        # that fills the chunk exactly can decode into an uninitialised buffer, and a short or long
+        # one is refused before decoding.
+        stated = int.from_bytes(bytes(data[4:8]), "little") if len(data) >= 16 else -1
+        if stated != nbytes:
+            raise ValueError(f"its Blosc header states {stated} decoded bytes, not the chunk's {nbytes}")
+        return numcodecs.Blosc().decode(data, out=np.empty(nbytes, dtype=np.uint8))
+    out = np.zeros(nbytes, dtype=np.uint8)  # zstd refuses a frame larger than the buffer it is given
+    return numcodecs.Zstd().decode(data, out=out)
 
 
 class VolumeReader:
