@@ -1,6 +1,6 @@
 """Training-loader throughput: crops/s of our loader against the storage ceiling and its peers (MONAI, nnU-Net v2).
 
-    python bench/loader.py [--src DIR] [--data DATASET] [--crop 96] [--workers 2] [--batch 2] [--dataset-scale 100]
+    python bench/loader.py [--src DIR] [--data DATASET] [--crop 96] [--workers 2] [--batch 2]
                            [--seconds 8] [--min-crops 32] [--repeat 1] [--make 6] [--methods a,b] [--out results.json]
 
 Ways to get random float32 crops of the same volumes, same crop size, same
@@ -10,19 +10,24 @@ own peak memory):
 - ``memmap_raw``: the storage ceiling. Crops cut from uncompressed ``.npy``
   copies of the volumes opened with ``np.load(mmap_mode="r")``, normalised
   and batched in the benchmark process itself: no worker, no hand-off,
-  nothing decoded. It is one process, so it is the ceiling of one worker;
+  nothing decoded. It is one process on one thread (every method's process
+  runs torch on one intra-op thread, as DataLoader workers do), so it is
+  the ceiling of one worker;
   for W workers the ceiling is min(W, cores) times it
   (``memmap_raw_ceiling_crops_per_s``). ``copy_only_crops_per_s`` is the
   copy without the CT window, in the same process.
 - ``zarr``: ``medssl_scale.data.Loader`` on the Zarr store, default
-  ``crops_per_visit`` (8), with a chunk cache sized as on a dataset
-  ``--dataset-scale`` times larger (512 MiB / scale per worker), so it
-  cannot hold the whole dataset; its hit rate is reported.
-  ``zarr_cache_all`` is the default 512 MiB cache (it holds this whole
-  dataset); ``zarr_k1`` one crop per visit and no cache, so no decoded
-  chunk is ever reused; ``zarr_worker`` is ``zarr`` with ``handoff:
-  worker`` (normalised in the workers, float32 across the hand-off: the
-  hand-off before raw crops).
+  ``crops_per_visit`` (8) and ``cache_mb`` (512), with ``cache_scope:
+  visit``: each worker forgets a volume's chunks after its visit, so no
+  visit reuses what an earlier one decoded. That is what a dataset many
+  times larger than the cache gets, and the benchmark's six volumes would
+  otherwise sit whole in the cache. Its hit rate (reuse within visits) is
+  reported. ``zarr_cache_all`` is the default ``lru`` cache, which holds
+  this whole dataset (the figure of a dataset smaller than the cache);
+  ``zarr_k1`` one crop per visit and no cache, so no decoded chunk is ever
+  reused; ``zarr_worker`` is ``zarr`` with ``handoff: worker`` (normalised
+  in the workers, float32 across the hand-off: the hand-off before raw
+  crops).
 - ``shards``: the same Loader streaming the dataset's WebDataset shards.
 - ``memmap``: the memory-mapped crops through our hand-off (int16 through
   the shared batch ring, normalised after it); ``memmap_pytorch`` normalised
@@ -78,7 +83,6 @@ METHODS = ("monai", "monai_samples", "monai_persistent", "nnunetv2", "zarr", "za
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "medssl-bench-loader"
 PEERS = {"monai_samples": "run_monai_samples", "monai_persistent": "run_monai_persistent", "nnunetv2": "run_nnunet"}
 CT_WINDOW = (-1000.0, 1000.0)  # DataConfig's default normalisation, applied by every method
-DEFAULT_CACHE_MB = 512  # DataConfig.cache_mb
 
 
 def log(msg: str) -> None:
@@ -215,7 +219,8 @@ def run_loader(args: argparse.Namespace, source: str, **kw: Any) -> dict[str, An
     it = iter(loader)
     result = time_crops(it, args.seconds, args.min_crops)
     it.close()
-    settings = {k: getattr(cfg, k) for k in ("batch_size", "crops_per_visit", "cache_mb", "samples_per_epoch", "prefetch")}
+    settings = {k: getattr(cfg, k) for k in ("batch_size", "crops_per_visit", "cache_mb", "cache_scope", "samples_per_epoch", "prefetch",
+                                             "handoff")}
     settings["interleave"] = cfg.interleave or cfg.batch_size
     if source == "shards":
         stream = loader.dataset
@@ -223,7 +228,7 @@ def run_loader(args: argparse.Namespace, source: str, **kw: Any) -> dict[str, An
     return {**result, "settings": settings}
 
 
-def zarr_cache_stats(args: argparse.Namespace, crops: int, cache_mb: int) -> dict[str, Any]:
+def zarr_cache_stats(args: argparse.Namespace, crops: int, scope: str) -> dict[str, Any]:
     """Chunk-cache hits over one worker's share of the timed crops, replayed in this process.
 
     Workers keep their caches to themselves; the same plan run without workers visits the
@@ -231,7 +236,7 @@ def zarr_cache_stats(args: argparse.Namespace, crops: int, cache_mb: int) -> dic
     """
     from medssl_scale.data.loader import Loader
 
-    loader = Loader(_data_config(args, "zarr", workers=0, cache_mb=cache_mb))
+    loader = Loader(_data_config(args, "zarr", workers=0, cache_scope=scope))
     n = 0
     for batch in loader:
         n += batch["image"].shape[0]
@@ -240,7 +245,7 @@ def zarr_cache_stats(args: argparse.Namespace, crops: int, cache_mb: int) -> dic
     cache = loader.dataset.access.cache
     total = cache.hits + cache.misses
     return {"crops": n, "hits": cache.hits, "misses": cache.misses, "hit_rate": round(cache.hits / max(1, total), 4),
-            "cache_mb": cache_mb, "cached_mb_at_end": round(cache.nbytes / 2**20, 1)}
+            "cache_mb": loader.cfg.cache_mb, "cache_scope": scope, "cached_mb_at_end": round(cache.nbytes / 2**20, 1)}
 
 
 class MemmapCrops(torch.utils.data.Dataset):
@@ -328,11 +333,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
         out = getattr(loader_peers, PEERS[args.only])(args)
     elif args.only == "zarr":
-        out = run_loader(args, "zarr", cache_mb=args.cache_mb)
+        out = run_loader(args, "zarr", cache_scope="visit")
     elif args.only == "zarr_worker":  # the hand-off before: normalised in the workers, float32 across
-        out = run_loader(args, "zarr", cache_mb=args.cache_mb, handoff="worker")
+        out = run_loader(args, "zarr", cache_scope="visit", handoff="worker")
     elif args.only == "zarr_cache_all":
-        out = run_loader(args, "zarr", cache_mb=DEFAULT_CACHE_MB)
+        out = run_loader(args, "zarr", cache_scope="lru")
     elif args.only == "zarr_k1":
         out = run_loader(args, "zarr", crops_per_visit=1, cache_mb=0)
     elif args.only == "shards":
@@ -345,8 +350,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         out = run_memmap(args)
     out["peak_rss_mb"] = peak_rss_mb()  # before the replay below, which is not part of the method
     if args.only in ("zarr", "zarr_cache_all"):
-        mb = args.cache_mb if args.only == "zarr" else DEFAULT_CACHE_MB
-        out["cache"] = zarr_cache_stats(args, min(out["crops"] // max(1, args.workers), 4000), mb)
+        scope = "visit" if args.only == "zarr" else "lru"
+        out["cache"] = zarr_cache_stats(args, min(out["crops"] // max(1, args.workers), 4000), scope)
     return out
 
 
@@ -390,7 +395,6 @@ def child_command(args: argparse.Namespace, method: str) -> list[str]:
         sys.executable, str(Path(__file__).resolve()), "--only", method, "--src", str(args.src), "--data", str(args.data),
         "--npy", str(args.npy), "--crop", ",".join(map(str, args.crop)), "--workers", str(args.workers), "--batch", str(args.batch),
         "--seconds", str(args.seconds), "--min-crops", str(args.min_crops), "--max-items", str(args.max_items),
-        "--cache-mb", str(args.cache_mb),
     ]
 
 
@@ -420,24 +424,21 @@ def main() -> None:
     ap.add_argument("--make", type=int, default=6, help="phantoms to generate when --src is missing or empty")
     ap.add_argument("--shard-mb", type=int, default=40, help="shard size when this script ingests --data")
     ap.add_argument("--methods", default=",".join(METHODS), help="a subset of " + ",".join(METHODS))
-    ap.add_argument("--dataset-scale", type=float, default=100.0,
-                    help="size zarr's chunk cache as on a dataset this many times larger: cache_mb = 512 / scale (per worker)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     # Internal: one method in this process (the parent runs each method in a fresh child).
     ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--npy", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--max-items", type=int, default=200_000, help=argparse.SUPPRESS)
-    ap.add_argument("--cache-mb", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.crop = [int(c) for c in args.crop.split(",")] * (3 if "," not in args.crop else 1)
-    if args.workers < 0 or args.batch < 1 or len(args.crop) != 3 or args.dataset_scale < 1:
-        ap.error("--workers >= 0, --batch >= 1, --dataset-scale >= 1 and --crop N or D,H,W")
-    if args.cache_mb is None:
-        # The cache holds the same share of the data as the default cache would of a dataset
-        # dataset_scale times this one: rounded down, as cache_mb is whole MiB.
-        args.cache_mb = max(1, int(DEFAULT_CACHE_MB / args.dataset_scale))
+    if args.workers < 0 or args.batch < 1 or len(args.crop) != 3:
+        ap.error("--workers >= 0, --batch >= 1 and --crop N or D,H,W")
 
     if args.only:
+        # One intra-op thread in every method's process, as in a DataLoader worker: memmap_raw is then
+        # one core's ceiling, and no consuming process takes its workers' cores for elementwise ops
+        # (it stands for a training process that hands each batch to a GPU).
+        torch.set_num_threads(1)
         print(json.dumps(run_one(args)))
         return
 
@@ -489,8 +490,8 @@ def main() -> None:
     result.update(comparisons(rate, args.workers, os.cpu_count() or 1))
     if "zarr" in runs:
         c = runs["zarr"]["cache"]
-        result["zarr_cache"] = {"cache_mb_per_worker": args.cache_mb, "dataset_scale": args.dataset_scale, "hit_rate": c["hit_rate"],
-                                "dataset_decoded_mb": round(npy_mb, 1)}
+        result["zarr_cache"] = {"cache_mb_per_worker": c["cache_mb"], "cache_scope": c["cache_scope"], "hit_rate": c["hit_rate"],
+                                "cached_mb_at_end": c["cached_mb_at_end"], "dataset_decoded_mb": round(npy_mb, 1)}
     if "zarr_cache_all" in runs:
         result["zarr_cache_all_hit_rate"] = runs["zarr_cache_all"]["cache"]["hit_rate"]
     result.update(
