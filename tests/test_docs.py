@@ -77,3 +77,20 @@ def test_every_bare_test_name_in_the_docs_is_defined_somewhere() -> None:
         missing += [f"{md.name}: {f}" for f in re.findall(r"\b(test_\w+\.py)\b", text) if f not in files]
         missing += [f"{md.name}: {n}" for n in re.findall(r"\b(test_\w+)\b(?!\.py)", text) if n not in defined | NOT_TESTS and n not in {p[:-3] for p in files}]
     assert not missing, "\n".join(missing)
+
+
+def test_every_short_test_reference_is_in_the_file_named_before_it() -> None:
+    """A ``::test_x`` after ``tests/test_f.py`` in the same doc means ``tests/test_f.py::test_x``."""
+    short = re.compile(r"(?<![\w.])::(\w+)")
+    wrong = []
+    for md in DOCS:
+        text = md.read_text()
+        for m in short.finditer(text):
+            before = list(NAMED_TEST.finditer(text, 0, m.start()))
+            if not before:
+                wrong.append(f"{md.name}: ::{m.group(1)} names no file before it")
+                continue
+            path = ROOT / before[-1].group(1)
+            if m.group(1) not in {n.split("::")[-1] for n in _defined(path)}:
+                wrong.append(f"{md.name}: ::{m.group(1)} is not in {before[-1].group(1)}, the file named before it")
+    assert not wrong, "\n".join(wrong)

@@ -102,6 +102,14 @@ def test_finalize_waits_for_parts_and_refuses_mismatched_ones(collection, tmp_pa
     res = run_cli("ingest", "--out", str(out), "--finalize", str(N), "--no-progress", check=False)
     assert res.returncode == 2 and "shard_shape" in res.stderr and "other settings" in res.stderr
     assert not DatasetDir(out).manifest.exists()  # nothing merged
+    other = tmp_path / "other-secret"
+    other.write_text("another site's secret, not this one's")
+    for i in (1, 2):  # the right options, but another site secret: pseudonyms would not match across parts
+        shutil.rmtree(partitions.part_dir(out, i, N))
+        run_cli("ingest", str(collection), "--out", str(out), "--partition", f"{i}/{N}", *ARGS, "--secret-file", str(other))
+    res = run_cli("ingest", "--out", str(out), "--finalize", str(N), "--no-progress", check=False)
+    assert res.returncode == 2 and "secret_fingerprint" in res.stderr and "site secret" in res.stderr
+    assert not DatasetDir(out).manifest.exists()
     assert list(out.rglob(".ingest-running*")) == []  # a refused finalize leaves no lock behind
     res = run_cli("ingest", str(collection), "--out", str(out), "--finalize", "3", check=False)
     assert res.returncode == 2 and "--out only" in res.stderr

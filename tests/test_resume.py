@@ -220,6 +220,28 @@ def test_the_lock_works_the_same_where_the_filesystem_has_no_hard_links(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("errno_name", ["EPERM", "ENOSYS", "EOPNOTSUPP"])
+def test_a_filesystem_refusing_hard_links_switches_the_lock_to_in_place(tmp_path, monkeypatch, errno_name):
+    """link(2) failing as vfat, FUSE or SMB fail it: the lock is made in place, without a draft left behind."""
+    import errno
+
+    from medssl_scale.store.layout import LockedError, WriterLock
+
+    def no_links(src, dst, *a, **kw):
+        raise OSError(getattr(errno, errno_name), "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / ".ingest-running"
+    lock = WriterLock(path)
+    held = lock.acquire()
+    assert lock.hard_links is False and b"pid" in path.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [".ingest-running"]  # the draft is gone
+    with pytest.raises(LockedError, match="another ingest"):
+        WriterLock(path).acquire()
+    held.release(finished=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_things_named_like_a_lock_draft_do_not_stop_the_writer(tmp_path):
     from medssl_scale.store.layout import WriterLock
 
