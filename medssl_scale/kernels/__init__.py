@@ -3,7 +3,8 @@
 Objectives call these functions and never choose an implementation. Each
 takes the run config's kernel backend: ``auto`` dispatches to the fused
 Triton kernel (:mod:`.triton_disrupt`, :mod:`.triton_token_masking`,
-:mod:`.masked_mse`) for CUDA tensors and to the PyTorch
+:mod:`.masked_mse`) for CUDA tensors, once that op has passed its one-time
+self-check on the device (:mod:`.selfcheck`), and to the PyTorch
 reference in :mod:`.reference` elsewhere; ``reference`` forces the reference
 everywhere (debugging, comparing the two); ``triton`` insists on the kernel
 (on a CPU only under ``TRITON_INTERPRET=1``, set before triton is imported).
@@ -17,7 +18,7 @@ import os
 
 import torch
 
-from medssl_scale.kernels import reference
+from medssl_scale.kernels import reference, selfcheck
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -30,7 +31,13 @@ def _use_triton(x: torch.Tensor, op: str, backend: str) -> bool:
             raise ValueError(f"kernels backend 'triton' for {op} needs CUDA tensors (or TRITON_INTERPRET=1, set before "
                              "triton is imported, to interpret it on the CPU); use 'auto' or 'reference' here")
         return True
-    return backend == "auto" and x.is_cuda and _triton_available()
+    # auto: the fused kernel only where it compiles, and only once it has matched the reference there
+    return backend == "auto" and _compiled_device(x) and _triton_available() and selfcheck.passed(op, x.device)
+
+
+def _compiled_device(x: torch.Tensor) -> bool:
+    """Where ``auto`` may run Triton: CUDA tensors (elsewhere Triton only interprets, far slower than the reference)."""
+    return x.is_cuda
 
 
 def _triton_available() -> bool:
