@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     if args.finalize is not None:
         if args.sources or args.partition:
             err.print("[red]medssl ingest: --finalize N merges parts already ingested: give it --out only")
@@ -174,7 +174,7 @@ def execute(cfg: IngestConfig, strict: bool = False, show_progress: bool = True)
 
     from medssl_scale.store.summary import render
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), console=err, disable=not show_progress)
     tasks: dict[str, int] = {}
@@ -225,7 +225,7 @@ def finalize(out: Path, n: int, wait_s: float, show_progress: bool = True) -> in
 
     from medssl_scale.store.summary import render
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     if n < 1:
         err.print(f"[red]medssl ingest: --finalize takes the number of parts (at least 1), got {n}")
         return EXIT_ERROR

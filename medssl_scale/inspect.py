@@ -170,7 +170,7 @@ def execute(dataset: Path, thumbnails: Path | None = None, verify: bool = True, 
     from rich.text import Text
 
     # Names and reasons come from the dataset: printed as plain text, never as Rich markup.
-    out, err = Console(), Console(stderr=True)
+    out, err = Console(), Console(stderr=True, soft_wrap=True)
     ds = DatasetDir(dataset)
     if not ds.manifest.exists():
         err.print(Text(f"medssl inspect: {ds.root} is not a dataset directory (no manifest.jsonl)", style="red"))

@@ -60,7 +60,7 @@ def _publish(args: argparse.Namespace) -> int:
     try:
         mv = publish(args.run, args.name, alias=args.alias, tracking_uri=uri, description=args.description)
     except ValueError as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}")
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {e}")
         return 2
     ref = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{mv.version}"
     Console().print(f"registered {args.name} version {mv.version} from run {args.run}: load it with "
