@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 WORKDIR ?= demo-work
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean k8s
+.PHONY: demo test bench venv clean k8s gpu-wheels gpu-check gpu-check-dry
 
 venv: $(VENV)/.installed
 
@@ -34,5 +34,18 @@ k8s: venv
 bench: venv
 	$(PY) bench/ingest.py
 
+# The GPU check (bench/gpu/check.py). On a CPU machine: the wheels a GPU machine with only PyTorch and
+# Triton lacks (.gpu-wheels/, for its Python 3.12). On the GPU machine, with the repository and those
+# wheels: every GPU step in one command, results under gpu-check/ (GPU_PYTHON: the one that has torch).
+GPU_PYTHON ?= python3
+gpu-wheels: venv
+	$(PY) bench/gpu/wheels.py --out .gpu-wheels
+
+gpu-check:
+	$(GPU_PYTHON) bench/gpu/check.py --out gpu-check
+
+gpu-check-dry: venv
+	$(PY) bench/gpu/check.py --dry-run --out gpu-check-dry
+
 clean:
-	rm -rf $(VENV) $(WORKDIR) .pytest_cache
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache gpu-check gpu-check-dry

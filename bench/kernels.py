@@ -159,6 +159,8 @@ def main() -> None:
         for r, nbytes in ((row, moved), (loss_row, loss_moved), (tok_row, moved)):
             r["fused_vs_eager"] = round(r["eager_fwd_ms"] / r["fused_fwd_ms"], 2)
             r["fused_vs_compiled"] = round(r["compiled_fwd_ms"] / r["fused_fwd_ms"], 2)
+            r["fused_vs_eager_fwd_bwd"] = round(r["eager_fwd_bwd_ms"] / r["fused_fwd_bwd_ms"], 2)
+            r["fused_vs_compiled_fwd_bwd"] = round(r["compiled_fwd_bwd_ms"] / r["fused_fwd_bwd_ms"], 2)
             r["fused_gbs"] = round(nbytes / (r["fused_fwd_ms"] * 1e-3) / 1e9, 1)
             if peak:
                 r["fused_fraction_of_peak"] = round(r["fused_gbs"] / peak, 3)

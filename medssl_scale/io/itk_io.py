@@ -21,8 +21,9 @@ import os
 import re
 from pathlib import Path
 
+import functools
+
 import numpy as np
-import SimpleITK as sitk
 
 from medssl_scale.io.containment import SourceRoot, header_root
 from medssl_scale.io.types import (
@@ -39,14 +40,28 @@ MAX_DATA_FILES = 65_536
 
 _IO_NAMES = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
 
-_SCALAR_DTYPES = {
-    sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8,
-    sitk.sitkUInt16: np.uint16, sitk.sitkInt16: np.int16,
-    sitk.sitkUInt32: np.uint32, sitk.sitkInt32: np.int32,
-    sitk.sitkUInt64: np.uint64, sitk.sitkInt64: np.int64,
-    sitk.sitkFloat32: np.float32, sitk.sitkFloat64: np.float64,
-}
-_COMPLEX = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+
+
+@functools.cache
+def _sitk():
+    """SimpleITK, imported on the first NRRD or MetaImage read: a 50 MB package that nothing else needs."""
+    import SimpleITK
+
+    return SimpleITK
+
+
+@functools.cache
+def _pixel_types() -> tuple[dict[int, type], frozenset[int]]:
+    """SimpleITK's scalar pixel ids -> numpy types, and its complex ids."""
+    sitk = _sitk()
+    scalars = {
+        sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8,
+        sitk.sitkUInt16: np.uint16, sitk.sitkInt16: np.int16,
+        sitk.sitkUInt32: np.uint32, sitk.sitkInt32: np.int32,
+        sitk.sitkUInt64: np.uint64, sitk.sitkInt64: np.int64,
+        sitk.sitkFloat32: np.float32, sitk.sitkFloat64: np.float64,
+    }
+    return scalars, frozenset({sitk.sitkComplexFloat32, sitk.sitkComplexFloat64})
 
 # MetaImage's Modality is a controlled vocabulary, not free text.
 _MET_MODALITY = {"MET_MOD_CT": "CT", "MET_MOD_MR": "MR"}
@@ -249,6 +264,8 @@ def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
     hdr = read_text_header(path)
     files = _checked_data_files(path, hdr, root)
 
+    sitk = _sitk()
+    scalars, complex_ids = _pixel_types()
     reader = sitk.ImageFileReader()
     reader.SetImageIO(_IO_NAMES[fmt])  # never let ITK probe other formats on hostile input
     reader.SetFileName(str(path))
@@ -273,13 +290,13 @@ def _read(path: Path, limits: Limits, root: SourceRoot) -> RawVolume:
         raise SkippedInput(f"2D image ({shape_txt}): a single slice, not a volume")
     limits.check_shape(size[:3])  # after the 2D/4D verdicts, before anything is allocated
     pid = reader.GetPixelID()
-    if pid in _COMPLEX:
+    if pid in complex_ids:
         raise FailedInput(f"unsupported datatype ({sitk.GetPixelIDValueAsString(pid)}): only real scalars are read")
     if ncomp > 1:
         raise SkippedInput(f"multi-component image ({ncomp} values per voxel: RGB or vector), not a scalar volume")
-    if pid not in _SCALAR_DTYPES:
+    if pid not in scalars:
         raise FailedInput(f"unsupported datatype ({sitk.GetPixelIDValueAsString(pid)}): only real scalars are read")
-    dtype = np.dtype(_SCALAR_DTYPES[pid])
+    dtype = np.dtype(scalars[pid])
     _check_data_size(path, hdr, files, math.prod(size) * dtype.itemsize)
 
     nd = int(reader.GetDimension())
