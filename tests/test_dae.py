@@ -141,6 +141,45 @@ def test_dae_on_swin_unetr_masks_the_patch_embeddings():
     assert obj.net.bottleneck.shape[1] == obj.net.bottleneck_channels == 192
 
 
+def _best_linear_error(emb: torch.Tensor, keep: torch.Tensor, image: torch.Tensor) -> float:
+    """Relative squared error of the best affine map from each token's kept channels to its 2x2x2 patch of ``image``."""
+    feats = emb.permute(0, 2, 3, 4, 1).reshape(-1, emb.shape[1])[:, keep].double()
+    patches = image.unfold(2, 2, 2).unfold(3, 2, 2).unfold(4, 2, 2).reshape(-1, 8).double()
+    a = torch.cat([feats, torch.ones(len(feats), 1, dtype=torch.float64)], 1)
+    residual = patches - a @ torch.linalg.lstsq(a, patches).solution
+    return (residual.pow(2).sum() / (patches - patches.mean(0)).pow(2).sum()).item()
+
+
+def test_masking_removes_information_only_with_the_nonlinear_patch_embedding():
+    """60% of 48 channels masked: the linear 2x2x2 embedding still determines every patch; the released conv block does not."""
+    torch.manual_seed(0)
+    image = torch.nn.functional.avg_pool3d(torch.rand(4, 1, 32, 32, 32), 3, 1, 1)  # some spatial correlation, as in scans
+    keep = (kernels.channel_mask(torch.ones(1, 48, 1, 1, 1), 0.6, seed=3) != 0).flatten()
+    assert keep.sum() == 19  # the channels DAE leaves visible
+    errors = {}
+    for embed in ("linear", "conv_block"):
+        net = build_objective("dae", model={**SWIN, "feature_size": 48, "patch_embed": embed}, cmcl_weight=0.0).net
+        with torch.no_grad():
+            emb = net.net.swinViT.patch_embed(image)
+        errors[embed] = (_best_linear_error(emb, torch.ones(48, dtype=torch.bool), image), _best_linear_error(emb, keep, image))
+    assert errors["linear"][0] < 1e-9 and errors["linear"][1] < 1e-9, errors  # masked or not, every patch is recoverable
+    full, masked = errors["conv_block"]
+    assert masked > 1.5 * full and masked - full > 0.1, errors  # masked embeddings reconstruct measurably worse (0.59 vs 0.35)
+
+
+def test_dae_defaults_to_the_released_patch_embedding_and_publishes_its_decoder():
+    obj = build_objective("dae", model={"name": "swin_unetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3],
+                                        "patch_embed": "conv_block"}, cmcl_weight=0.0)
+    assert build_objective("dae").cfg.model["patch_embed"] == "conv_block"  # the default DAE network
+    enc = obj.encoder()
+    names = set(enc.state_dict())
+    assert {"swinViT.patch_embed.proj.conv1.conv.weight", "swinViT.patch_embed.proj.norm2.bias"} <= names  # the released names
+    assert enc.config["decoder"] and {f"decoder{i}.transp_conv.conv.weight" for i in range(1, 6)} <= names
+    assert enc.decoder_stages()[0] is obj.net.net.decoder5  # shared with the objective, not copied
+    assert "decoder" not in build_objective("dae", model=TINY).encoder().config  # a network without decoder stages publishes its encoder
+    assert "decoder" not in obj.net.encoder_module().config or not obj.net.encoder_module().config["decoder"]
+
+
 _GATHER_WORKER = """
 import sys, torch, torch.distributed as dist
 from medssl_scale.objectives.losses import gather_from_ranks, supervised_contrastive
@@ -153,6 +192,8 @@ g, y = gather_from_ranks(z, y_all[2 * r: 2 * r + 2])
 loss = supervised_contrastive(g, y, 0.5)
 loss.backward()
 torch.save({"loss": loss.detach(), "grad": z.grad}, sys.argv[1] + f"/rank{r}.pt")
+dist.barrier()
+dist.destroy_process_group()  # gloo's threads left running at exit can abort the process ("terminate called ...")
 """
 
 

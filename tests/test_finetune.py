@@ -72,6 +72,31 @@ def test_segmentation_net_takes_the_encoder_as_it_is(encoder):
     assert net(x).shape == (2, 3, 64, 64, 64)
 
 
+def test_an_encoder_published_with_its_decoder_fine_tunes_from_both(tmp_path):
+    """DAE publishes SwinUNETR's decoder stages with the encoder; the segmentation network decodes with those weights."""
+    from medssl_scale.objectives import build_objective
+
+    torch.manual_seed(0)
+    swin = {"name": "swin_unetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3], "patch_embed": "conv_block"}
+    obj = build_objective("dae", model=swin, cmcl_weight=0.0)
+    fmt.write(obj.encoder(), tmp_path / "enc")
+    blobs = {name: (tmp_path / "enc" / name).read_bytes() for name in fmt.FILES}
+    pulled = fmt.read(blobs, "test")
+    net = SegmentationNet(pulled, num_classes=4)
+    assert net.pretrained_decoder and net.up is None
+    for stage in ("decoder5", "decoder1"):  # the decoder starts from the pre-trained weights, not a fresh init
+        for k, v in getattr(obj.net.net, stage).state_dict().items():
+            torch.testing.assert_close(net.state_dict()[f"encoder.{stage}.{k}"], v, rtol=0, atol=0)
+    assert net(torch.randn(1, 1, 64, 64, 64)).shape == (1, 4, 64, 64, 64)
+    # The decoder's parameters train at the decoder's rate: the stages and the new head, nothing of the encoder proper.
+    dec = {id(p) for p in net.decoder_parameters()}
+    assert {id(p) for p in net.head.parameters()} <= dec and not dec & {id(p) for p in pulled.swinViT.parameters()}
+    scratch = SegmentationNet(build_encoder(**pulled.config), num_classes=4)  # the scratch arm: the same architecture
+    assert scratch.pretrained_decoder and set(scratch.state_dict()) == set(net.state_dict())
+    without = fmt.read({**blobs}, "test").config | {"decoder": False}  # an encoder published alone keeps the fresh decoder
+    assert not SegmentationNet(build_encoder(**without), num_classes=4).pretrained_decoder
+
+
 def _chance_dice(label: np.ndarray, k: int) -> np.ndarray:
     """Expected Dice per foreground class of a uniformly random labelling."""
     p = np.bincount(label.ravel(), minlength=k)[1:] / label.size

@@ -177,7 +177,9 @@ def train_one(cfg: FinetuneConfig, split: Split, volumes: _Volumes, encoder: nn.
     torch.manual_seed(seed)
     dev = _device()
     net = SegmentationNet(encoder, num_classes).to(dev)
-    enc_params = list(net.encoder.parameters())
+    # Pre-trained decoder stages travel inside the encoder, but train at the decoder's rate.
+    dec_ids = {id(p) for p in net.decoder_parameters()}
+    enc_params = [p for p in net.encoder.parameters() if id(p) not in dec_ids]
     if cfg.encoder_lr_scale == 0:
         for p in enc_params:
             p.requires_grad_(False)

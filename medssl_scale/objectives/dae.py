@@ -25,6 +25,7 @@ on each rank and step.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from typing import Any, Literal
 
@@ -46,7 +47,8 @@ from medssl_scale.objectives.settings import ObjectiveConfig
 class DAEConfig(ObjectiveConfig):
     DEFAULT_MODEL = "swin_unetr"
 
-    model: dict[str, Any] = Field(default_factory=lambda: {"name": "swin_unetr", "feature_size": 48})
+    # The released encoder's nonlinear patch embedding: with MONAI's linear one, masking hides nothing (models/swin.py).
+    model: dict[str, Any] = Field(default_factory=lambda: {"name": "swin_unetr", "feature_size": 48, "patch_embed": "conv_block"})
     disruptions: list[Literal["noise", "downsample", "mask"]] = Field(default_factory=lambda: ["noise", "downsample", "mask"])
     noise_variance: float = Field(0.1, ge=0)
     downsample_factor: int = Field(4, ge=1)
@@ -57,6 +59,9 @@ class DAEConfig(ObjectiveConfig):
     cmcl_temperature: float = Field(0.5, gt=0)
     cmcl_positives: Literal["modality", "subject", "both"] = "modality"
     projection_dim: int = Field(128, ge=1)
+    # Publish the decoder stages with the encoder where the network has them, so fine-tuning starts from both
+    # (the released fine-tuning's default, finetune_choice both).
+    publish_decoder: bool = True
 
 
 def step_seed(seed: int, step: int, rank: int, what: str, micro: int = 0) -> int:
@@ -80,7 +85,9 @@ class DisruptiveAutoencoder(nn.Module):
         self.projector = projection_head(b, self.cfg.projection_dim) if self.cfg.cmcl_weight > 0 else None
 
     def encoder(self) -> nn.Module:
-        """What gets published: the network's encoder half, sharing this objective's parameters."""
+        """What gets published: the network's encoder half (with its decoder stages, where it has them), sharing this objective's parameters."""
+        if self.cfg.publish_decoder and "decoder" in inspect.signature(self.net.encoder_module).parameters:
+            return self.net.encoder_module(decoder=True)
         return self.net.encoder_module()
 
     def disrupt(self, x: torch.Tensor, step: int, rank: int, micro: int = 0) -> torch.Tensor:
