@@ -526,6 +526,35 @@ def test_pcrl_default_sizes_keep_min_iou():
     assert out["regions1"].shape == out["global1"].shape and out["regions1"].dtype == torch.int32
 
 
+def test_pcrl_crops_each_get_their_own_flip_and_affine_and_ids_follow():
+    from medssl_scale.data.crops import ArrayAccess, Cropper
+
+    vol = np.random.default_rng(0).integers(-1000, 1000, (96, 96, 96)).astype(np.int16)
+    access = ArrayAccess(vol, {"modality": "CT"})
+    views = {"kind": "pcrl", "n_local": 2, "superpixels": {}, "global_sizes": [(32, 48, 48)], "global_out": (16, 24, 24)}
+
+    def cut(spatial):
+        c = Cropper(DataConfig(dataset="unused", sampling="uniform", views={**views, "pcrl_spatial": spatial}))
+        return c(access, 0, np.random.default_rng(5))
+
+    plain = cut(None)
+    # A flip of W alone (no rotation, no scaling) is exactly the plain crop mirrored, and the region ids with it.
+    flipped = cut({"flip_axes": [2], "flip_prob": 1.0, "rotate_deg": 0.0, "scale": 0.0})
+    for i in (1, 2):
+        torch.testing.assert_close(flipped[f"global{i}"], plain[f"global{i}"].flip(-1), atol=1e-5, rtol=0)
+        assert torch.equal(flipped[f"regions{i}"], plain[f"regions{i}"].flip(-1))
+    torch.testing.assert_close(flipped["local"], plain["local"].flip(-1), atol=1e-5, rtol=0)
+    # The released defaults: flip and affine on every crop, each its own draw; ids stay ids, what moves in is the minimum.
+    moved = cut({})
+    for i in (1, 2):
+        assert not torch.allclose(moved[f"global{i}"], plain[f"global{i}"])
+        assert set(moved[f"regions{i}"].unique().tolist()) <= set(plain[f"regions{i}"].unique().tolist()) | {-1}  # -1: no region
+        assert moved[f"global{i}"].min() >= plain[f"global{i}"].min() - 1e-6
+    d1 = (moved["global1"] - plain["global1"]).abs().mean()
+    d2 = (moved["global2"] - plain["global2"]).abs().mean()
+    assert abs(float(d1 - d2)) > 1e-4  # not one shared transform
+
+
 def test_state_refuses_changes_to_the_order(dataset, tmp_path):
     loader = Loader(cfg(dataset))
     batches(loader, 2)

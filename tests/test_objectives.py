@@ -75,6 +75,29 @@ def test_gamma_keeps_sign_and_is_identity_at_zero_spread():
     assert torch.equal(kernels.gamma(x, 0.0, seed=1), x)
 
 
+def test_pcrlv2_disrupts_each_crop_on_its_own_draws_in_the_released_order():
+    """Blur, noise ~ U(0, 0.25), gamma, swaps (global views), then z-normalisation, with draws per crop and per step."""
+    obj = build_objective("pcrlv2", model={"name": "pcrl_unet", "channels": [4, 8, 16, 32]}, swap_patch=(2, 4, 4), swap_count=10)
+    x = torch.rand(1, 1, 8, 16, 16).repeat(6, 1, 1, 1, 1)  # six copies of one crop
+    y = obj.disrupt(x, step=3, rank=0, micro=0, what="global0", swap=True)
+    assert torch.equal(y, obj.disrupt(x, step=3, rank=0, micro=0, what="global0", swap=True))  # seeded by (step, rank, view)
+    assert not torch.equal(y, obj.disrupt(x, step=4, rank=0, micro=0, what="global0", swap=True))
+    torch.testing.assert_close(y.mean(dim=(1, 2, 3, 4)), torch.zeros(6), atol=1e-5, rtol=0)  # z-normalised, crop by crop
+    torch.testing.assert_close(y.std(dim=(1, 2, 3, 4), unbiased=False), torch.ones(6), atol=1e-4, rtol=0)
+    assert len({round(float((y[i] - y[0]).abs().mean()), 4) for i in range(1, 6)}) == 5  # every copy disrupted differently
+    # The noise alone: its spread varies from crop to crop, within U(0, 0.25), as torchio's RandomNoise draws it.
+    noisy = build_objective("pcrlv2", model={"name": "pcrl_unet", "channels": [4, 8, 16, 32]}, blur_sigma=0.0, gamma_log_range=0.0,
+                            swap_count=0, znorm=False)
+    flat = torch.full((40, 1, 8, 16, 16), 0.5)
+    spread = (noisy.disrupt(flat, step=1, rank=0, micro=0, what="local", swap=False) - 0.5).std(dim=(1, 2, 3, 4))
+    assert spread.max() < 0.27 and spread.min() < 0.05 and spread.max() > 0.2 and spread.std() > 0.05
+    # Blur alone smooths: neighbouring voxels grow alike.
+    blurry = build_objective("pcrlv2", model={"name": "pcrl_unet", "channels": [4, 8, 16, 32]}, noise_std=0.0, gamma_log_range=0.0,
+                             swap_count=0, znorm=False)
+    b = blurry.disrupt(x, step=1, rank=0, micro=0, what="local", swap=False)
+    assert (b.diff(dim=-1).abs().mean() < 0.8 * x.diff(dim=-1).abs().mean()).item()
+
+
 def test_pcrlv2_terms_beta_and_gradients():
     obj = build_objective("pcrlv2", model={"name": "pcrl_unet", "channels": [4, 8, 16, 32]}, total_steps=100, swap_patch=2, swap_count=2)
     assert obj.beta(0) == 1.0 and abs(obj.beta(50) - 0.5) < 1e-9 and obj.beta(100) < 1e-12
@@ -132,13 +155,18 @@ def test_lrc_composes_on_a_host():
     assert set(dict(comp.named_parameters())) == {f"parts.pcrlv2.{k}" for k in dict(host.named_parameters())} | {
         f"parts.lrc.{k}" for k, _ in comp.parts["lrc"].named_parameters()}  # the host is registered once
     assert comp.encoder().config["name"] == "pcrl_unet"
+    # -1 marks voxels a view's affine brought in from outside: never a region, however many there are.
+    padded = torch.full_like(regions, -1)
+    padded[..., :2, :, :] = 5  # one real region
+    out = comp({**batch, "regions1": padded, "regions2": padded.clone()}, step=1)
+    assert out["lrc.region_nce"].item() == 0.0  # one region and the padding: no pair to contrast
     with pytest.raises(ValueError, match="keeps dense features of two views"):
         Composite([("dae", 1.0, build_objective("dae", model={"name": "conv_ae"})), ("lrc", 0.5, build_objective("lrc"))])
 
 
 def test_region_ids_follow_the_hosts_patch_swaps():
     host = build_objective("pcrlv2", model={"name": "pcrl_unet", "channels": [4, 8, 16, 32]}, swap_patch=2, swap_count=6,
-                           gamma_log_std=0.0, noise_std=0.0)
+                           gamma_log_range=0.0, noise_std=0.0, blur_sigma=0.0, znorm=False)
     regions = torch.randint(0, 50, (3, 1, 8, 8, 8)).float()
     disrupted = host.disrupt(regions / 100, step=4, rank=1, micro=0, what="global1", swap=True)  # the second global view
     moved = host.follow_disruption(regions, step=4, rank=1, micro=0, view=2)

@@ -73,6 +73,16 @@ class Superpixels(_Strict):
     min_size: int = Field(20, ge=1)
 
 
+class PcrlSpatial(_Strict):
+    """Each PCRLv2 crop's own flip and affine, before it becomes a restoration target: the released pipeline's
+    torchio ``RandomFlip()`` and ``RandomAffine()`` at their defaults (REFERENCES.md) [code]."""
+
+    flip_axes: list[Literal[0, 1, 2]] = Field(default_factory=lambda: [2])  # (D, H, W); torchio's first axis is x, our W
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    rotate_deg: float = Field(10.0, ge=0, le=180)  # per axis ~ U(-deg, deg)
+    scale: float = Field(0.1, ge=0, lt=1)  # per axis ~ U(1 - scale, 1 + scale)
+
+
 class Views(_Strict):
     kind: Literal["none", "pair", "pcrl"] = "none"
     # pair: two crops inside one region of (1 + overlap_slack) x crop, so they always overlap.
@@ -85,6 +95,7 @@ class Views(_Strict):
     local_out: Size3 = (16, 16, 16)
     n_local: int = Field(6, ge=0, le=64)
     min_iou: float = Field(0.3, ge=0.0, lt=1.0)
+    pcrl_spatial: PcrlSpatial | None = PcrlSpatial()  # null: crops as cut and resized
     # Region maps cut like the views (``regions1``/``regions2``), for LRC; pair and pcrl views.
     superpixels: Superpixels | None = None
 

@@ -39,7 +39,9 @@ from medssl_scale.data.transforms import (
     build_augment,
     norm_params,
     normalize,
+    pcrl_spatial,
     run_augment,
+    run_pcrl_spatial,
 )
 from medssl_scale.store import foreground
 from medssl_scale.store.chunks import ChunkCache, VolumeReader
@@ -204,6 +206,8 @@ class Cropper:
         self.deferred = cfg.handoff == "raw" and self.augment is None and kind in ("none", "pair")
         self.raw_dtype = raw_dtype if self.deferred else torch.float32
         self._raw_np = torch.empty(0, dtype=self.raw_dtype).numpy().dtype
+        sp = cfg.views.pcrl_spatial
+        self.pcrl_spatial = pcrl_spatial(sp) if kind == "pcrl" and sp is not None else None
 
     def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each large tensor of a sample (what the loader's shared ring holds)."""
@@ -349,6 +353,14 @@ class Cropper:
             for i, b in enumerate((b1, b2), 1):
                 d[f"regions{i}"] = cut(b, vc.global_out, ids, "nearest-exact").to(torch.int32)[None]
         d["local"] = torch.stack([cut(b, vc.local_out) for b in locals_]) if locals_ else torch.zeros((0, *vc.local_out))
+        if self.pcrl_spatial is not None:  # each crop its own flip and affine; its region ids move with it
+            for i in (1, 2):
+                d[f"global{i}"], ids = run_pcrl_spatial(self.pcrl_spatial, d[f"global{i}"], d.get(f"regions{i}"), int(rng.integers(2**32)))
+                if ids is not None:
+                    d[f"regions{i}"] = ids
+            if len(d["local"]):
+                d["local"] = torch.cat([run_pcrl_spatial(self.pcrl_spatial, c[None], None, int(rng.integers(2**32)))[0] for c in d["local"]])
+        # The boxes the crops were cut from, before their flips and affines.
         d["box_global"] = torch.tensor([[list(b[0]), list(b[1])] for b in (b1, b2)])
         d["box_local"] = torch.tensor([[list(b[0]), list(b[1])] for b in locals_]).reshape(-1, 2, 3)
 

@@ -18,7 +18,7 @@ import torch
 from monai.transforms import MapTransform
 
 from medssl_scale.data import augments
-from medssl_scale.data.config import Augment, Normalize
+from medssl_scale.data.config import Augment, Normalize, PcrlSpatial
 
 
 def normalize(x: np.ndarray, modality: str, stats: Mapping[str, float] | None, cfg: Normalize) -> np.ndarray:
@@ -139,6 +139,29 @@ def build_augment(augment_list: list[Augment], keys: list[str], geometric_ok: bo
         except TypeError as e:
             raise ValueError(f"augment {a.name}: {e}") from None
     return mt.Compose(out) if out else None
+
+
+def pcrl_spatial(sp: PcrlSpatial) -> mt.Compose:
+    """One PCRLv2 crop's flips and affine (MONAI's RandFlipd, RandAffined) for ``image`` and, if present, its ``regions`` ids."""
+    keys, modes = ("image", "regions"), ("bilinear", "nearest")  # ids move as whole labels
+    flips = [mt.RandFlipd(keys, prob=sp.flip_prob, spatial_axis=a, allow_missing_keys=True) for a in sp.flip_axes]
+    r = float(np.deg2rad(sp.rotate_deg))
+    affine = mt.RandAffined(keys, prob=1.0, rotate_range=(r, r, r), scale_range=(sp.scale,) * 3, mode=modes,
+                            padding_mode="zeros", allow_missing_keys=True)
+    return mt.Compose([*flips, affine])
+
+
+def run_pcrl_spatial(compose: mt.Compose, image: torch.Tensor, regions: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``image`` [1, D, H, W] (and ``regions``) moved by one draw of ``compose``; what moves in from outside is the crop's minimum
+    (torchio's ``default_pad_value='minimum'``): air for CT, the background for MR. Region ids there are -1: no region."""
+    low = image.min()
+    # Shifted so that the zeros moving in mean "minimum" and "no region" (ids are >= 0).
+    d = {"image": image - low, **({"regions": regions.float() + 1} if regions is not None else {})}
+    compose.set_random_state(seed=seed % (2**32))
+    d = compose(d)
+    moved = torch.as_tensor(d["image"]).float() + low
+    ids = (torch.as_tensor(d["regions"]).round() - 1).to(regions.dtype) if regions is not None else None
+    return moved, ids
 
 
 def run_augment(compose: mt.Compose | None, data: dict[str, Any], seed: int) -> dict[str, Any]:

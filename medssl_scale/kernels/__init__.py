@@ -81,12 +81,12 @@ def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return reference.downsample(x, factor)
 
 
-def patch_swap(x: torch.Tensor, patch: int, swaps: int, seed: int) -> torch.Tensor:
+def patch_swap(x: torch.Tensor, patch: int | tuple[int, ...], swaps: int, seed: int) -> torch.Tensor:
     return reference.patch_swap(x, patch, swaps, seed)
 
 
-def gamma(x: torch.Tensor, log_std: float, seed: int) -> torch.Tensor:
-    return reference.gamma(x, log_std, seed)
+def gamma(x: torch.Tensor, log_range: float, seed: int) -> torch.Tensor:
+    return reference.gamma(x, log_range, seed)
 
 
 __all__ = ["BACKENDS", "channel_mask", "downsample", "gamma", "gaussian_noise", "masked_loss", "patch_swap", "token_mask"]

@@ -96,17 +96,19 @@ def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(small, size=list(size), mode="nearest")
 
 
-def patch_swap(x: torch.Tensor, patch: int, swaps: int, seed: int) -> torch.Tensor:
-    """Swap ``swaps`` pairs of random ``patch``^3 cubes inside each sample of ``x`` [B, C, D, H, W] (PCRLv2's RandomSwap disruption).
+def patch_swap(x: torch.Tensor, patch: int | tuple[int, ...], swaps: int, seed: int) -> torch.Tensor:
+    """Swap ``swaps`` pairs of random patches (``patch``: an edge, or (D, H, W)) inside each sample of ``x`` [B, C, D, H, W].
 
-    Pairs are drawn one after the other, each from the volume as the earlier
-    swaps left it (torchio's order); a cube larger than the volume is clipped to it.
+    PCRLv2's RandomSwap disruption. Pairs are drawn one after the other, each
+    from the volume as the earlier swaps left it (torchio's order); a patch
+    larger than the volume is clipped to it.
     """
-    if swaps <= 0 or patch <= 0:
+    edges = (patch,) * (x.ndim - 2) if isinstance(patch, int) else tuple(patch)
+    if swaps <= 0 or min(edges) <= 0:
         return x
     out = x.clone()
     spatial = x.shape[2:]
-    size = [min(patch, s) for s in spatial]
+    size = [min(p, s) for p, s in zip(edges, spatial)]
     g = _generator(torch.device("cpu"), seed)
     for b in range(x.shape[0]):
         for _ in range(swaps):
@@ -119,10 +121,10 @@ def patch_swap(x: torch.Tensor, patch: int, swaps: int, seed: int) -> torch.Tens
     return out
 
 
-def gamma(x: torch.Tensor, log_std: float, seed: int) -> torch.Tensor:
-    """Per-sample gamma ``sign(x) |x|^g`` with ``log g ~ N(0, log_std)`` (torchio's RandomGamma, sign kept for z-scored inputs)."""
-    if log_std <= 0:
+def gamma(x: torch.Tensor, log_range: float, seed: int) -> torch.Tensor:
+    """Per-sample gamma ``sign(x) |x|^g`` with ``log g ~ U(-log_range, log_range)`` (torchio's RandomGamma; the sign keeps negative values negative)."""
+    if log_range <= 0:
         return x
     g = _generator(torch.device("cpu"), seed)
-    exps = torch.exp(log_std * torch.randn(x.shape[0], generator=g)).to(x.device, x.dtype)
+    exps = torch.exp(log_range * (2 * torch.rand(x.shape[0], generator=g) - 1)).to(x.device, x.dtype)
     return x.sign() * x.abs().pow(exps.view(-1, *([1] * (x.ndim - 1))))

@@ -94,7 +94,7 @@ class LRC(nn.Module):
             ids = [maps[0][b], maps[1][b]]
             u1, c1 = ids[0].unique(return_counts=True)
             u2, c2 = ids[1].unique(return_counts=True)
-            shared = u1[c1 >= self.cfg.min_voxels]
+            shared = u1[(c1 >= self.cfg.min_voxels) & (u1 >= 0)]  # -1: voxels a view's affine brought in from outside
             shared = shared[torch.isin(shared, u2[c2 >= self.cfg.min_voxels])]
             if shared.numel() < 2:
                 continue

@@ -2,13 +2,18 @@
 
 Per REFERENCES.md, from the authors' code. The loader's ``views: {kind: pcrl}``
 gives two global crops of one volume (IoU above ``min_iou``) and ``n_local``
-local crops inside their union, resized (no flips yet). They are the
-restoration targets, so loader augmentations (``data.augment``) become part
-of the target: the disruptions belong here, and the shipped configs have none. Here, every step:
+local crops inside their union, resized, each flipped and affinely
+transformed on its own (``views.pcrl_spatial``): as in the released
+pipeline, the spatially transformed crops are the restoration targets.
+Here, every step, each crop on its own draws, as the released torchio
+pipeline draws per crop:
 
-1. the global views are disrupted (Gaussian noise, gamma, and patch swapping,
-   torchio's RandomSwap), the local views get noise and gamma; the clean
-   global views are the restoration targets;
+1. every view is blurred (sigma per axis ~ U(0, ``blur_sigma``)), gets
+   Gaussian noise (sigma ~ U(0, ``noise_std``)) and gamma
+   (``sign(x) |x|^g``, log g ~ U(+-``gamma_log_range``)); the global views
+   also get ``swap_count`` patch swaps (torchio's RandomSwap); then each
+   view is z-normalised (``znorm``); the un-disrupted global views are the
+   restoration targets;
 2. one pyramid level ``l`` (a decoder stage) is drawn for the step;
 3. restoration: ``MSE(out(x), x_clean) + beta * MSE(head_l(x), x_clean)`` over
    both global views, with ``beta = 0.5 (1 + cos(pi t / T))`` over the run
@@ -29,7 +34,7 @@ are not documented in REFERENCES.md: every one is a setting.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -48,10 +53,13 @@ class PCRLv2Config(ObjectiveConfig):
 
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "pcrl_unet", "channels": [64, 128, 256, 512]})
     output_activation: Literal["sigmoid", "none"] = "none"  # [ours] sigmoid is the code's, right for CT-only data in [0, 1]
-    noise_std: float = Field(0.05, ge=0)  # [ours] torchio RandomNoise's strength on [0, 1] inputs
-    gamma_log_std: float = Field(0.3, ge=0)  # [ours] torchio RandomGamma's log-gamma spread
-    swap_patch: int = Field(8, ge=0)  # [ours] RandomSwap cube edge (voxels); 0 disables
-    swap_count: int = Field(20, ge=0)  # [ours] RandomSwap iterations per global view
+    # The released pipeline's intensity disruptions, torchio's defaults (RL4M/PCRLv2 data.py) [code]:
+    blur_sigma: float = Field(2.0, ge=0)  # RandomBlur: a Gaussian sigma per axis ~ U(0, 2) voxels
+    noise_std: float = Field(0.25, ge=0)  # RandomNoise: sigma ~ U(0, 0.25) per crop
+    gamma_log_range: float = Field(0.3, ge=0)  # RandomGamma: log gamma ~ U(-0.3, 0.3)
+    swap_patch: tuple[Annotated[int, Field(ge=0)], ...] | Annotated[int, Field(ge=0)] = (4, 4, 8)  # RandomSwap((8, 4, 4)) on (x, y, z); (D, H, W) here; 0 disables
+    swap_count: int = Field(100, ge=0)  # RandomSwap's iterations per global view
+    znorm: bool = True  # ZNormalization of every disrupted view, the pipeline's last step
     beta_schedule: Literal["cosine", "constant"] = "cosine"
     total_steps: int = Field(1, ge=1)  # the run's steps, set by the engine (beta's cosine period)
 
@@ -65,6 +73,10 @@ class _Level(nn.Module):
 
     def project(self, f: torch.Tensor) -> torch.Tensor:
         return self.projector(f.mean(dim=(2, 3, 4)))
+
+
+def _edges(patch: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (patch,) if isinstance(patch, int) else tuple(patch)
 
 
 def symmetric_cosine(p1: torch.Tensor, z1: torch.Tensor, p2: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -85,6 +97,12 @@ class PCRLv2(nn.Module):
         self.dense_channels = self.net.pyramid_channels[-1]
         self.keep_dense = False  # set when an auxiliary objective attaches; the composite clears them after use
         self.dense_views: dict[int, torch.Tensor] = {}
+        import monai.transforms as mt
+
+        s = (0.0, self.cfg.blur_sigma)
+        self._blur = mt.RandGaussianSmooth(sigma_x=s, sigma_y=s, sigma_z=s, prob=1.0)
+        self._noise = mt.RandGaussianNoise(prob=1.0, mean=0.0, std=self.cfg.noise_std, sample_std=True)
+        self._normalize = mt.NormalizeIntensity()  # the whole crop's mean and std, as torchio's ZNormalization
 
     def encoder(self) -> nn.Module:
         return self.net.encoder_module()
@@ -98,19 +116,37 @@ class PCRLv2(nn.Module):
         return 0.5 * (1 + math.cos(math.pi * min(step, self.cfg.total_steps) / self.cfg.total_steps))
 
     def disrupt(self, x: torch.Tensor, step: int, rank: int, micro: int, what: str, swap: bool) -> torch.Tensor:
+        """The released order, blur, noise, gamma, swap (global views), z-normalisation, with MONAI's transforms where they match torchio's."""
         cfg = self.cfg
         seed = step_seed(cfg.seed, step, rank, what, micro)
-        if swap and cfg.swap_patch and cfg.swap_count:
+        dtype, x = x.dtype, x.float()  # the disruptions in fp32 whatever the run's precision
+        base = seed % 2**31  # MONAI's random states take 32-bit seeds
+        x = torch.stack([self._blur_and_noise(crop, base + 7 * i) for i, crop in enumerate(x)])
+        x = kernels.gamma(x, cfg.gamma_log_range, seed + 2)  # torchio's sign-keeping power; MONAI's contrast rescales first
+        if swap and cfg.swap_count and min(_edges(cfg.swap_patch)) > 0:
             x = kernels.patch_swap(x, cfg.swap_patch, cfg.swap_count, seed + 1)
-        x = kernels.gamma(x, cfg.gamma_log_std, seed + 2)
+        if cfg.znorm:
+            x = torch.stack([self._znorm(crop) for crop in x])
+        return x.to(dtype)
+
+    def _blur_and_noise(self, crop: torch.Tensor, seed: int) -> torch.Tensor:
+        """One crop [C, D, H, W], on its own draws (MONAI's RandGaussianSmooth and RandGaussianNoise)."""
+        cfg = self.cfg
+        if cfg.blur_sigma > 0:
+            self._blur.set_random_state(seed)
+            crop = self._blur(crop)
         if cfg.noise_std > 0:
-            x = kernels.gaussian_noise(x, cfg.noise_std, seed + 3, backend=cfg.kernels)
-        return x
+            self._noise.set_random_state(seed + 1)
+            crop = self._noise(crop)
+        return torch.as_tensor(crop, dtype=crop.dtype)  # a plain tensor, not MONAI's MetaTensor
+
+    def _znorm(self, crop: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self._normalize(crop))
 
     def follow_disruption(self, t: torch.Tensor, step: int, rank: int, micro: int, view: int) -> torch.Tensor:
         """Move ``t`` (e.g. region ids, [B, 1, *S] float) the way view ``view``'s patch swaps moved its voxels."""
         cfg = self.cfg
-        if not (cfg.swap_patch and cfg.swap_count):
+        if not cfg.swap_count or min(_edges(cfg.swap_patch)) == 0:
             return t
         return kernels.patch_swap(t, cfg.swap_patch, cfg.swap_count, step_seed(cfg.seed, step, rank, f"global{view - 1}", micro) + 1)
 
