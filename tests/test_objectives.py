@@ -259,6 +259,51 @@ def test_reprec_stages_and_the_hybrid_encoder():
     assert [f.shape[1] for f in feats] == enc.feature_channels == [4, 8, 16, 32 + 16]
 
 
+def test_reprec_recovery_sees_only_what_stays_visible():
+    """The prediction at hidden tokens cannot depend on the hidden voxels (a leak through the CNN's receptive field would
+    let it), and does depend on the visible ones; and with less visible information, recovery is worse."""
+    model = {"name": "reprec_hybrid", "channels": [4, 8, 16, 32], "dim": 16, "depth": 1, "heads": 2}
+    torch.manual_seed(0)
+    net = build_objective("reprec", model=model, projection_dim=8).net.eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    seed, s = 11, net.token_stride
+    from medssl_scale.kernels.token_masking import mask_ids
+
+    ids = mask_ids(2, 64, 0.6, seed, x.device)
+    hidden = torch.zeros(2, 64, dtype=torch.bool).scatter_(1, ids, True).view(2, 1, 4, 4, 4)
+    voxels = hidden.repeat_interleave(s, 2).repeat_interleave(s, 3).repeat_interleave(s, 4)
+    with torch.no_grad():
+        pred, got = net.masked_prediction(x, 0.6, seed, "reference")
+        assert torch.equal(got, ids)
+        other_hidden = torch.where(voxels, torch.rand_like(x), x)  # new content under the hidden tokens only
+        torch.testing.assert_close(net.masked_prediction(other_hidden, 0.6, seed, "reference")[0], pred, rtol=0, atol=0)
+        other_visible = torch.where(voxels, x, torch.rand_like(x))  # new content where the tokens stay visible
+        assert not torch.allclose(net.masked_prediction(other_visible, 0.6, seed, "reference")[0], pred)
+    # Recovery from the transformer's input around each hidden token: the best linear map from its 6 neighbours' input
+    # features to its target. When the CNN also sees the hidden voxels (masking tokens only, the leak), the visible
+    # neighbours carry hidden content and recovery is easier; blanked, they carry less, and the recovery error rises.
+    x = torch.nn.functional.avg_pool3d(torch.rand(64, 1, 32, 32, 32), 3, 1, 1)  # content independent beyond a voxel
+    ids = mask_ids(64, 64, 0.6, 5, x.device)
+    hidden = torch.zeros(64, 64, dtype=torch.bool).scatter_(1, ids, True).view(64, 4, 4, 4)
+    voxels = hidden[:, None].repeat_interleave(s, 2).repeat_interleave(s, 3).repeat_interleave(s, 4)
+    with torch.no_grad():
+        target = net.encoder.cnn_features(x)[-1]
+        leaky = _best_recovery_error(target, target, hidden)
+        blanked = _best_recovery_error(net.encoder.cnn_features(x * ~voxels)[-1], target, hidden)
+    assert blanked > leaky + 0.04, (leaky, blanked)  # 0.59 against 0.51
+
+
+def _best_recovery_error(inputs: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor) -> float:
+    """Relative squared error of the best affine map from the 6 face neighbours' visible ``inputs`` to ``target`` at hidden tokens."""
+    visible = inputs * (~hidden).to(inputs.dtype)[:, None]
+    around = torch.cat([torch.roll(visible, shift, dim) for dim in (2, 3, 4) for shift in (1, -1)], 1)
+    a = around.permute(0, 2, 3, 4, 1)[hidden].double()
+    t = target.permute(0, 2, 3, 4, 1)[hidden].double()
+    a = torch.cat([a, torch.ones(len(a), 1, dtype=torch.float64)], 1)
+    r = t - a @ torch.linalg.lstsq(a, t).solution
+    return (r.pow(2).sum() / (t - t.mean(0)).pow(2).sum()).item()
+
+
 # -- every objective: 2 ranks, loss goes down, the encoder is published and pulled ----------------
 
 @pytest.mark.parametrize("name", ["dae", "pcrlv2", "lrc", "mixcl", "reprec"])

@@ -89,13 +89,33 @@ class HybridNet(nn.Module):
     def encoder_module(self) -> HybridEncoder:
         return self.encoder
 
-    def masked_prediction(self, f: torch.Tensor, ratio: float, seed: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """A ``ratio`` of the tokens of ``f`` replaced by the mask token, through the transformer and the head.
+    @property
+    def token_stride(self) -> int:
+        return 2 ** (len(self.channels) - 1)
 
-        Returns the prediction [B, N, C] and the hidden token ids [B, K]. Positions are added after masking, so
-        a hidden token keeps only its position.
+    def masked_prediction(self, x: torch.Tensor, ratio: float, seed: int, backend: str = "auto",
+                          grad_cnn: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CNN features of the tokens ``seed`` hides in image ``x``, predicted from what stays visible.
+
+        Each deep token covers a stride^3 block of voxels, but its CNN features see a few tokens around it:
+        masking only the tokens would leave the hidden content in their visible neighbours. So the hidden
+        tokens' voxels are blanked (0) before the CNN runs, then those tokens are replaced by the mask token
+        (positions are added after masking: a hidden token keeps only its position), and the transformer and
+        the head predict. Returns the prediction [B, N, C] and the hidden token ids [B, K].
         """
+        from medssl_scale.kernels import token_masking
+
+        s = self.token_stride
+        grid = [n // s for n in x.shape[2:]]
+        ids = token_masking.mask_ids(x.shape[0], math.prod(grid), ratio, seed, x.device)
+        hidden = torch.zeros(x.shape[0], math.prod(grid), dtype=x.dtype, device=x.device).scatter_(1, ids, 1.0)
+        blank = hidden.view(x.shape[0], 1, *grid)
+        for axis in (2, 3, 4):
+            blank = blank.repeat_interleave(s, dim=axis)
+        blank = torch.nn.functional.pad(blank, [0, x.shape[4] - blank.shape[4], 0, x.shape[3] - blank.shape[3], 0, x.shape[2] - blank.shape[2]])
+        with torch.set_grad_enabled(grad_cnn and torch.is_grad_enabled()):
+            f = self.encoder.cnn_features(x * (1 - blank))[-1]
         t = self.encoder.embed_tokens(f)
-        t, ids = kernels.token_mask(t, ratio, seed, self.mask_token, backend)
+        t, same = kernels.token_mask(t, ratio, seed, self.mask_token, backend)
         t = t + self.encoder.positions(f, t.dtype)
-        return self.predictor(self.encoder.transformer(t)), ids
+        return self.predictor(self.encoder.transformer(t)), same

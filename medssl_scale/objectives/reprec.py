@@ -9,12 +9,16 @@ generatively, by recovering the representations the CNN gives masked tokens
   (``data.views.kind: pair``) on the CNN's pooled deepest features through a
   projection MLP, negatives from the global batch, temperature ``temperature``.
 - **representation recovery** (stage B): the CNN's deepest map (stride 8) as
-  tokens; a ``mask_ratio`` of them replaced by a learned mask token (SimMIM
-  style, positions kept); the transformer and a linear head predict the
-  target CNN's features at the masked tokens; loss: MSE between
-  L2-normalised prediction and target over masked tokens only. The target is
-  the online CNN under stop-gradient (``target: stopgrad``), and by default
-  the transformer's input is too (``recovery_trains_cnn: false``), so the CNN
+  tokens; a ``mask_ratio`` of them hidden: their 8^3 voxel blocks are
+  blanked in the image before the CNN computes the transformer's input (a
+  visible token's features see about +-4 tokens around it, so masking tokens
+  alone would leave the hidden content in its neighbours), and the hidden
+  tokens are replaced by a learned mask token (SimMIM style, positions
+  kept); the transformer and a linear head predict the CNN's features of the
+  whole view at the hidden tokens; loss: MSE between L2-normalised
+  prediction and target over hidden tokens only. The target is the online
+  CNN under stop-gradient (``target: stopgrad``), and by default the
+  transformer's input is too (``recovery_trains_cnn: false``), so the CNN
   cannot flatten its maps to make recovery trivial.
 - **schedule**: ``stage_a_steps`` of contrastive training alone, then both
   terms (``joint`` from step 0 when 0); ``freeze_cnn_after_stage_a`` stops
@@ -90,8 +94,10 @@ class RepRec(nn.Module):
         if stage_b:
             f = deep[0]
             seed = step_seed(cfg.seed, step, rank, "tokens", micro)
-            pred, ids = self.net.masked_prediction(f if cfg.recovery_trains_cnn else f.detach(), cfg.mask_ratio, seed, cfg.kernels)
-            target = f.detach().flatten(2).transpose(1, 2)  # the CNN's own representations, stop-gradient
+            # The hidden tokens' voxels are blanked before the CNN: no visible token's receptive field carries them.
+            pred, ids = self.net.masked_prediction(batch["view1"], cfg.mask_ratio, seed, cfg.kernels,
+                                                   grad_cnn=cfg.recovery_trains_cnn and not freeze)
+            target = f.detach().flatten(2).transpose(1, 2)  # the CNN's own representations of the whole view, stop-gradient
             out["recovery"] = recovery_loss(pred, target, ids, cfg.kernels)
         else:  # stage A: the transformer waits (its parameters get no gradient, the same on every rank)
             out["recovery"] = deep[0].sum() * 0.0
