@@ -61,6 +61,42 @@ def test_split_keeps_every_patient_in_its_part_as_the_dataset_grows(dataset):
         assert sp.train and sp.val and sp.test and len(sp.train) + len(sp.val) + len(sp.test) == n
 
 
+def test_label_fractions_round_up_and_fixed_counts_give_exact_parts(dataset):
+    from medssl_scale.data.catalog import VolumeInfo
+    from medssl_scale.downstream.split import labelled_count
+
+    assert [labelled_count(f, 24) for f in (0.1, 0.2, 0.5, 0.7, 1.0)] == [3, 5, 12, 17, 24]  # the papers' folds of 24
+    assert labelled_count(0.1, 6) == 1 and labelled_count(0.1, 21) == 3 and labelled_count(0.3, 21) == 7
+    vols = tuple(VolumeInfo(f"v{i:04d}", "CT", (8, 8, 8), (1.0, 1.0, 1.0), f"pat-{i}", True) for i in range(30))
+    cat = Catalog(Catalog.load(dataset).dataset, vols)
+    sp = split_by_patient(cat, label_fraction=0.1, val_count=3, test_count=6)
+    assert (len(sp.test), len(sp.val), sp.train_pool, sp.train_patients) == (6, 3, 21, 3)
+    for seedless in (0.2, 1.0):  # the evaluation sets do not depend on the label budget
+        other = split_by_patient(cat, label_fraction=seedless, val_count=3, test_count=6)
+        assert other.test == sp.test and other.val == sp.val and set(sp.train) <= set(other.train)
+    with pytest.raises(ValueError, match="at least 10 are needed"):
+        split_by_patient(Catalog(cat.dataset, vols[:9]), val_count=3, test_count=6)
+
+
+def test_training_batches_mix_volumes_and_augment_each_crop(dataset):
+    from medssl_scale.downstream.finetune import FinetuneConfig, _crops, _Volumes
+
+    cat = Catalog.load(dataset, labelled_only=True)
+    flip = [{"name": "RandFlipd", "args": {"keys": ["image", "label"], "prob": 1.0, "spatial_axis": 2}}]
+    base = {"dataset": str(dataset), "architecture": {"name": "conv_ae"}, "crop": 16, "batch_size": 4, "crops_per_volume": 2}
+    ids = tuple(v.volume_id for v in cat.volumes)
+    volumes = _Volumes(FinetuneConfig(**base), cat)
+    plain = next(_crops(FinetuneConfig(**base, augment=[]), volumes, ids, 3, seed=0))
+    flipped = next(_crops(FinetuneConfig(**base, augment=flip), volumes, ids, 3, seed=0))
+    assert plain[0].shape == (4, 1, 16, 16, 16) and plain[1].shape == (4, 1, 16, 16, 16)
+    torch.testing.assert_close(flipped[0], plain[0].flip(-1))  # the same crops, each flipped, image and label alike
+    assert torch.equal(flipped[1], plain[1].flip(-1))
+    with pytest.raises(ValueError, match="multiple of crops_per_volume"):
+        FinetuneConfig(**{**base, "crops_per_volume": 3})
+    assert FinetuneConfig(**base).augment[0].name == "RandFlipd"  # the released augmentation by default
+    assert FinetuneConfig(**base, lr_by_architecture={"conv_ae": 5e-4}).lr_for("conv_ae") == 5e-4
+
+
 @pytest.mark.parametrize("encoder", [{"name": "conv_ae", "channels": [4, 8, 16]},
                                      {"name": "swin_unetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3]}])
 def test_segmentation_net_takes_the_encoder_as_it_is(encoder):

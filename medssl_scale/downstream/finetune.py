@@ -17,15 +17,23 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from medssl_scale.data.config import Normalize, Size3, _size3
+from medssl_scale.data.config import Augment, Normalize, Size3, _size3
 from medssl_scale.downstream.split import Split, split_by_patient
+
+
+RELEASED_AUGMENT: list[dict[str, Any]] = [
+    *({"name": "RandFlipd", "args": {"keys": ["image", "label"], "prob": 0.2, "spatial_axis": axis}} for axis in (0, 1, 2)),
+    {"name": "RandRotate90d", "args": {"keys": ["image", "label"], "prob": 0.2, "max_k": 3}},
+    {"name": "RandScaleIntensityd", "args": {"keys": ["image"], "factors": 0.1, "prob": 0.1}},
+    {"name": "RandShiftIntensityd", "args": {"keys": ["image"], "offsets": 0.1, "prob": 0.1}},
+]
 
 
 class FinetuneConfig(BaseModel):
@@ -38,12 +46,20 @@ class FinetuneConfig(BaseModel):
     label_fraction: float = Field(0.1, gt=0, le=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # Exact part sizes instead of fractions (a recipe's fixed validation and test sets; see downstream/split.py).
+    val_count: int | None = Field(None, ge=0)
+    test_count: int | None = Field(None, ge=1)
     seeds: int = Field(1, ge=1)
     steps: int = Field(300, ge=1)
     eval_every: int = Field(100, ge=1)
     crop: Size3 = (96, 96, 96)
-    batch_size: int = Field(2, ge=1)
+    batch_size: int = Field(2, ge=1)  # crops per step
+    crops_per_volume: int | None = Field(None, ge=1)  # crops cut from each volume of a batch; default batch_size (one volume)
+    # Per crop, MONAI dictionary transforms by name; the default is DAE's released BTCV fine-tuning [code]: flips on
+    # every axis and rot90 (p 0.2 each), intensity scale and shift by 0.1 (p 0.1).
+    augment: list[Augment] = Field(default_factory=lambda: [Augment(**a) for a in RELEASED_AUGMENT])
     lr: float = Field(1e-3, gt=0)
+    lr_by_architecture: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # e.g. {swin_unetr: 8e-4}: wins over lr
     encoder_lr_scale: float = Field(1.0, ge=0)  # 0 freezes the encoder
     weight_decay: float = Field(1e-5, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -80,7 +96,13 @@ class FinetuneConfig(BaseModel):
                              "or baseline: scratch with an architecture")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.crops_per_volume is not None and self.batch_size % self.crops_per_volume:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of crops_per_volume ({self.crops_per_volume})")
         return self
+
+    def lr_for(self, architecture: str | None) -> float:
+        """The learning rate for an encoder family: ``lr_by_architecture`` where it names it, else ``lr``."""
+        return self.lr_by_architecture.get(architecture or "", self.lr)
 
 
 def _inits(cfg: FinetuneConfig) -> list[str]:
@@ -145,23 +167,33 @@ def evaluate(net: nn.Module, volumes: _Volumes, ids: tuple[str, ...], num_classe
 
 
 def _crops(cfg: FinetuneConfig, volumes: _Volumes, ids: tuple[str, ...], num_classes: int, seed: int):
-    """Endless training batches: crops with every class equally likely at the centre (MONAI's RandCropByLabelClassesd).
+    """Endless training batches: ``batch_size`` crops, ``crops_per_volume`` from each of several volumes, with every
+    class equally likely at a crop's centre (MONAI's RandCropByLabelClassesd), each crop augmented on its own draws.
 
     Few labels mean few volumes: they are held in memory, with each class's
     voxel indices computed once, so a crop costs a slice.
     """
     import monai.transforms as mt
 
+    from medssl_scale.data.transforms import build_augment
+
+    per_volume = cfg.crops_per_volume or cfg.batch_size
     prepare = mt.Compose([mt.SpatialPadd(["image", "label"], cfg.crop),
                           mt.ClassesToIndicesd("label", num_classes=num_classes, indices_postfix="_cls_indices")])
     cases = [prepare({"image": x[None], "label": y[None]}) for x, y in map(volumes.get, ids)]
-    crop = mt.Compose([mt.RandCropByLabelClassesd(["image", "label"], "label", cfg.crop, num_classes=num_classes,
-                                                  num_samples=cfg.batch_size, indices_key="label_cls_indices"),
-                       mt.RandFlipd(["image", "label"], prob=0.5, spatial_axis=0)])
+    crop = mt.RandCropByLabelClassesd(["image", "label"], "label", cfg.crop, num_classes=num_classes, num_samples=per_volume,
+                                      indices_key="label_cls_indices")
+    augment = build_augment(cfg.augment, ["image", "label"])
     crop.set_random_state(seed)
+    if augment is not None:
+        augment.set_random_state(seed + 1)
     rng = np.random.default_rng(seed)
     while True:
-        samples = crop(cases[int(rng.integers(len(cases)))])
+        samples = []
+        for _ in range(cfg.batch_size // per_volume):
+            for s in crop(cases[int(rng.integers(len(cases)))]):
+                s = {"image": s["image"], "label": s["label"]}
+                samples.append(augment(s) if augment is not None else s)
         yield (torch.stack([torch.as_tensor(s["image"]) for s in samples]).float(),
                torch.stack([torch.as_tensor(s["label"]) for s in samples]).long())
 
@@ -184,11 +216,12 @@ def train_one(cfg: FinetuneConfig, split: Split, volumes: _Volumes, encoder: nn.
         for p in enc_params:
             p.requires_grad_(False)
     ids = {id(p) for p in enc_params}
-    groups = [{"params": [p for p in net.parameters() if id(p) not in ids], "lr": cfg.lr}]
+    lr = cfg.lr_for(getattr(encoder, "config", {}).get("name"))
+    groups = [{"params": [p for p in net.parameters() if id(p) not in ids], "lr": lr}]
     if cfg.encoder_lr_scale > 0:
-        groups.append({"params": enc_params, "lr": cfg.lr * cfg.encoder_lr_scale})
+        groups.append({"params": enc_params, "lr": lr * cfg.encoder_lr_scale})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.lr * 0.01)
+    sched = warmup_cosine(opt, cfg.steps, cfg.warmup_steps, lr, lr * 0.01)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     batches = _crops(cfg, volumes, split.train, num_classes, seed)
     best, best_dice, history = None, -1.0, []
@@ -234,7 +267,8 @@ def run(cfg: FinetuneConfig, console: Any = None) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking_uri or tracking_uri(Path("runs"))
     catalog = Catalog.load(cfg.dataset, tuple(cfg.modalities) if cfg.modalities else None, labelled_only=True)
-    split = split_by_patient(catalog, cfg.val_fraction, cfg.test_fraction, cfg.label_fraction)
+    split = split_by_patient(catalog, cfg.val_fraction, cfg.test_fraction, cfg.label_fraction,
+                             val_count=cfg.val_count, test_count=cfg.test_count)
     volumes = _Volumes(cfg, catalog)
     num_classes = cfg.num_classes or volumes.max_label(split.train + split.val + split.test) + 1
     names = list(cfg.class_names or [])[: num_classes - 1]
