@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 OUTSIDE = re.compile(r"REFERENCES\.md|\.\./shared|/work/|DESIGN\.md")
-NOT_TESTS = {"test_fraction"}  # a fine-tuning setting, not a test
+NOT_TESTS = {"test_fraction", "test_count"}  # fine-tuning settings, not tests
 NAMED_TEST = re.compile(r"(tests/test_\w+\.py)(?:::(\w+)(?:::(\w+))?)?")
 
 
