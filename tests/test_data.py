@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from needs import missing
 from sample_data import reshard, training_dataset
 
 from medssl_scale.data import (
@@ -281,7 +282,8 @@ def test_superpixel_regions_match_across_views(dataset):
             assert torch.equal(parts[0], parts[1])
             # Regions are segments of one axial slice each, and there are many of them.
             r1 = b["regions1"][i, 0]
-            assert all(len(set(r1[z].unique().tolist()) & set(r1[z + 1].unique().tolist())) == 0 for z in range(r1.shape[0] - 1))
+            ids = [set(r1[z].unique().tolist()) - {-1} for z in range(r1.shape[0])]  # -1: outside the body, no region
+            assert all(not ids[z] & ids[z + 1] for z in range(r1.shape[0] - 1))
             assert r1.unique().numel() > r1.shape[0]
 
 
@@ -290,11 +292,54 @@ def test_superpixels_follow_intensity_edges():
 
     x = np.zeros((2, 32, 32), np.float32)
     x[:, :, 16:] = 1.0  # two halves: a sharp edge in every slice
-    r = superpixels(x, scale=1.0, sigma=0.5, min_size=20)
+    r = superpixels(x, scale=1.0, sigma=0.5, min_size=20, body=False)
     assert r.dtype == np.int32
     assert not set(np.unique(r[0]).tolist()) & set(np.unique(r[1]).tolist())  # ids unique across slices
     for z in range(2):
         assert not set(np.unique(r[z, :, :16]).tolist()) & set(np.unique(r[z, :, 16:]).tolist())  # no region crosses the edge
+
+
+def test_superpixels_on_a_real_ct_slice_give_50_to_200_regions_inside_the_body():
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from medssl_scale.data.config import Superpixels
+    from medssl_scale.data.regions import superpixels
+
+    path = get_testdata_file("CT_small.dcm")
+    if path is None:
+        missing("pydicom's bundled CT_small.dcm", "pip install pydicom (with its test data)")
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    x = np.clip((hu + 1000) / 2000, 0, 1)[None]  # the default CT window, one slice
+    sp = Superpixels()
+    r = superpixels(x, sp.scale, sp.sigma, sp.min_size, body=sp.body, downsample=sp.downsample)[0]
+    inside = r >= 0
+    assert 0.6 < inside.mean() < 0.95  # the body, not the air around it
+    assert (hu[~inside] < -500).mean() > 0.9  # what is left out is air
+    assert 50 <= len(np.unique(r[inside])) <= 200
+    assert (superpixels(np.repeat(x, 3, 0), sp.scale, sp.sigma, sp.min_size, slices=[1], downsample=2)[[0, 2]] == -1).all()  # only slices asked for
+
+
+def test_pcrl_views_with_regions_take_whole_slices_so_image_and_ids_agree():
+    """Ids are per axial slice: each output slice of a view must show one source slice, image and ids alike, in both views."""
+    from medssl_scale.data.crops import ArrayAccess, Cropper
+
+    vol = np.repeat((np.arange(96, dtype=np.int16) * 10 - 900)[:, None, None], 48, 1).repeat(48, 2)  # slice z holds 10 z - 900 HU
+    access = ArrayAccess(vol, {"modality": "CT"})
+    views = {"kind": "pcrl", "n_local": 0, "pcrl_spatial": None, "superpixels": {"body": False, "downsample": 1, "min_size": 4},
+             "global_sizes": [(32, 32, 32), (64, 32, 32)], "global_out": (16, 16, 16), "min_iou": 0.1}
+    cropper = Cropper(DataConfig(dataset="unused", sampling="uniform", views=views))
+    for seed in range(6):
+        out = cropper(access, 0, np.random.default_rng(seed))
+        slice_of_id: dict[int, float] = {}
+        for v in (1, 2):
+            source = out[f"global{v}"][0].mean(dim=(1, 2)) * 200 - 10  # back to the source slice index: (10 z + 100) / 2000
+            torch.testing.assert_close(source, source.round(), atol=1e-3, rtol=0)  # whole slices, never two averaged
+            for z in range(16):
+                ids = out[f"regions{v}"][0, z].unique().tolist()
+                assert len(ids) == 1  # a constant slice is one region
+                assert slice_of_id.setdefault(ids[0], round(float(source[z]))) == round(float(source[z]))  # same id, same slice, both views
 
 
 def test_pcrl_sub_crops(dataset):

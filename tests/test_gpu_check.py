@@ -43,7 +43,7 @@ def test_dry_run_proves_the_wheel_set_and_runs_every_step_in_isolation(tmp_path)
     r = subprocess.run([str(env_python), "-c", "import deepspeed, medssl_scale, torch; print(torch.__file__)"], capture_output=True, text=True)
     assert r.returncode == 0 and "image-site" in r.stdout, r.stderr[-1000:]
 
-    for name in ("dae", "pcrlv2", "reprec"):
+    for name in ("dae", "pcrlv2", "lrc", "reprec"):
         run = report["pretrain"][name]
         assert run["steps"] >= 2 and run["loss_finite"] and run["samples_per_s"] > 0 and 0 <= run["data_wait"] < 1, run
     anchor = report["monai_anchor"]

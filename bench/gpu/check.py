@@ -21,8 +21,9 @@ step records its error while the others still run):
    them, and pre-trains through the real launcher, engine and loader: DAE on
    SwinUNETR (feature size 48), 96³ crops, bf16, DeepSpeed ZeRO-2 over NCCL
    on one rank, CT only; then PCRLv2 and RepRec (their ``base`` configs) for
-   a few steps. Records samples/s, the data-wait fraction, peak GPU memory,
-   and whether the loss stayed finite and fell.
+   a few steps, and PCRLv2 + LRC, whose loader also computes super-pixels
+   (aim: its data wait at most PCRLv2's). Records samples/s, the data-wait
+   fraction, peak GPU memory, and whether the loss stayed finite and fell.
 5. ``monai_anchor``: the same SwinUNETR and crop size through MONAI's
    SwinUNETR pre-training pipeline (``monai_anchor.py``) on the same CT
    files, timed the same way.
@@ -292,10 +293,12 @@ def _runs(c: Check) -> list[tuple[str, str, list[str], int]]:
     if c.dry:
         return [("dae", "configs/dae/tiny.yaml", ["data.modalities=[CT]"], 3),
                 ("pcrlv2", "configs/pcrlv2/tiny.yaml", [], 2),
+                ("lrc", "configs/lrc/tiny.yaml", [], 2),
                 ("reprec", "configs/reprec/tiny.yaml", [], 2)]
     dae = ["deepspeed.precision=bf16", "data.modalities=[CT]", "data.workers=8"]
     return [("dae", "configs/dae/base.yaml", dae, c.args.dae_steps),
             ("pcrlv2", "configs/pcrlv2/base.yaml", ["data.workers=8"], 15),
+            ("lrc", "configs/lrc/base.yaml", ["data.workers=8"], 15),  # super-pixels in the loader: its data wait against PCRLv2's
             ("reprec", "configs/reprec/base.yaml", ["data.workers=8"], 15)]
 
 
@@ -400,9 +403,12 @@ def summary(c: Check) -> dict[str, Any]:
     anchor = r.get("monai_anchor", {})
     if "ours_vs_monai" in anchor:
         aims["pre-training: >= 1.5x MONAI's samples/s"] = anchor["ours_vs_monai"] >= AIMS["ours_vs_monai"]
-    dae = r.get("pretrain", {}).get("dae", {})
+    runs = r.get("pretrain", {})
+    dae = runs.get("dae", {})
     if "data_wait" in dae:
         aims["pre-training: data wait < 5%"] = dae["data_wait"] < AIMS["data_wait_max"]
+    if "data_wait" in runs.get("lrc", {}) and "data_wait" in runs.get("pcrlv2", {}):
+        aims["LRC: data wait at most PCRLv2's"] = runs["lrc"]["data_wait"] <= runs["pcrlv2"]["data_wait"] + 0.005
     rows = [(s, r[s].get("status", "?"), f"{r[s].get('seconds', 0):.0f} s", _headline(s, r[s])) for s in STEPS if s in r]
     width = max(len(x[0]) for x in rows) if rows else 10
     lines = [f"GPU check on {device} ({'dry run, CPU' if c.dry else 'compiled, CUDA'})", ""]

@@ -231,9 +231,9 @@ class Cropper:
             out.update(regions1=(view, torch.int32), regions2=(view, torch.int32))
         return out
 
-    def _regions(self, region: np.ndarray) -> np.ndarray | None:
+    def _regions(self, region: np.ndarray, slices: set[int] | None = None) -> np.ndarray | None:
         sp = self.cfg.views.superpixels
-        return None if sp is None else superpixels(region, sp.scale, sp.sigma, sp.min_size)
+        return None if sp is None else superpixels(region, sp.scale, sp.sigma, sp.min_size, slices, sp.body, sp.downsample)
 
     def __call__(self, access: _Access, v: int, rng: np.random.Generator) -> dict[str, Any]:
         d: dict[str, Any] = {"modality_name": access.modality(v), "stats": access.attrs(v).get("stats")}
@@ -289,11 +289,12 @@ class Cropper:
         start = access.start(v, region_size, rng, self.min_fg)
         region = self._norm(d, access.read(v, (start, region_size)))
         label = access.read_label(v, (start, region_size)) if self.cfg.labels else None
-        if self.deferred and self.cfg.views.superpixels is not None:  # superpixels follow normalised intensities
-            regions = self._regions(normalize(region, d["modality_name"], d["stats"], self.cfg.normalize))
-        else:
-            regions = self._regions(region)
         offs = [tuple(int(rng.integers(0, r - c + 1)) for r, c in zip(region_size, crop)) for _ in range(2)]
+        seen = {z for o in offs for z in range(o[0], o[0] + crop[0])}  # only the slices the views hold are segmented
+        if self.deferred and self.cfg.views.superpixels is not None:  # superpixels follow normalised intensities
+            regions = self._regions(normalize(region, d["modality_name"], d["stats"], self.cfg.normalize), seen)
+        else:
+            regions = self._regions(region, seen)
         flips = [tuple(bool(f) for f in (rng.random(3) < 0.5)) if self.cfg.views.flip else (False,) * 3 for _ in range(2)]
         lo = [max(a, b) for a, b in zip(*offs)]
         hi = [min(a, b) + c for a, b, c in zip(*offs, crop)]
@@ -333,25 +334,34 @@ class Cropper:
             b2 = (tuple(s + (a - b) // 2 for s, a, b in zip(b1[0], sizes[0], sizes[1])), sizes[1])
         u = union_box([b1, b2])
         region = torch.from_numpy(self._norm(d, access.read(v, u)))
-        regions = self._regions(region.numpy())
+        # Region ids are per axial slice: a view that averaged two slices would show an image half a slice
+        # away from its ids. With region maps, a view takes whole source slices (the nearest to each of its
+        # slices, image and ids alike) and resizes only in plane; only those slices are segmented.
+        z_nearest = vc.superpixels is not None
+        need = {b[0][0] - u[0][0] + z for b in (b1, b2) for z in _nearest_slices(b[1][0], vc.global_out[0])}
+        regions = self._regions(region.numpy(), need) if z_nearest else None
         locals_: list[Box] = []
         for _ in range(vc.n_local):
             size = tuple(vc.local_sizes[rng.integers(len(vc.local_sizes))])
             locals_.append((tuple(int(rng.integers(s, s + max(1, n - z + 1))) for s, n, z in zip(u[0], u[1], size)), size))
 
-        def cut(box: Box, out: tuple[int, ...], source: torch.Tensor = region, mode: str = "trilinear") -> torch.Tensor:
+        def cut(box: Box, out: tuple[int, ...], source: torch.Tensor = region, mode: str = "trilinear", whole_slices: bool = False) -> torch.Tensor:
             sl = tuple(slice(a - o, a - o + z) for a, o, z in zip(box[0], u[0], box[1]))
             piece = source[sl]
             if piece.shape != box[1]:  # a local crop reaching past the union: pad as the volume would be
                 piece = F.pad(piece, [0, box[1][2] - piece.shape[2], 0, box[1][1] - piece.shape[1], 0, box[1][0] - piece.shape[0]], value=float(piece.min()))
+            if whole_slices:  # the nearest source slice to each output slice, then in plane only
+                plane = "bilinear" if mode == "trilinear" else mode
+                piece = piece[_nearest_slices(piece.shape[0], out[0])]
+                return F.interpolate(piece[None], size=out[1:], mode=plane, **({"align_corners": False} if plane == "bilinear" else {}))[0]
             return F.interpolate(piece[None, None], size=out, mode=mode, **({"align_corners": False} if mode == "trilinear" else {}))[0, 0]
 
-        d["global1"] = cut(b1, vc.global_out)[None]
-        d["global2"] = cut(b2, vc.global_out)[None]
+        d["global1"] = cut(b1, vc.global_out, whole_slices=z_nearest)[None]
+        d["global2"] = cut(b2, vc.global_out, whole_slices=z_nearest)[None]
         if regions is not None:  # ids resized like the views, by nearest neighbour: exact below 2^24 regions
             ids = torch.from_numpy(regions).float()
             for i, b in enumerate((b1, b2), 1):
-                d[f"regions{i}"] = cut(b, vc.global_out, ids, "nearest-exact").to(torch.int32)[None]
+                d[f"regions{i}"] = cut(b, vc.global_out, ids, "nearest-exact", whole_slices=True).to(torch.int32)[None]
         d["local"] = torch.stack([cut(b, vc.local_out) for b in locals_]) if locals_ else torch.zeros((0, *vc.local_out))
         if self.pcrl_spatial is not None:  # each crop its own flip and affine; its region ids move with it
             for i in (1, 2):
@@ -363,6 +373,11 @@ class Cropper:
         # The boxes the crops were cut from, before their flips and affines.
         d["box_global"] = torch.tensor([[list(b[0]), list(b[1])] for b in (b1, b2)])
         d["box_local"] = torch.tensor([[list(b[0]), list(b[1])] for b in locals_]).reshape(-1, 2, 3)
+
+
+def _nearest_slices(size: int, out: int) -> list[int]:
+    """The source slice nearest each of ``out`` slices resampled from ``size`` (PyTorch's ``nearest-exact``)."""
+    return [min(size - 1, int(math.floor((i + 0.5) * size / out))) for i in range(out)]
 
 
 class CropDataset(Dataset):
