@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from medssl_scale.objectives.pcrlv2 import symmetric_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {name: ROOT / "configs" / name / "tiny.yaml" for name in ("dae", "pcrlv2", "lrc", "mixcl", "reprec")}
+TINY["lrc-moco"] = ROOT / "configs" / "lrc" / "moco-tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +176,54 @@ def test_region_ids_follow_the_hosts_patch_swaps():
     torch.testing.assert_close(moved / 100, disrupted)
 
 
+def test_queue_nce_by_hand():
+    from medssl_scale.objectives.moco import queue_nce
+
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0]])
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    want = -torch.log(torch.exp(torch.tensor(5.0)) / (torch.exp(torch.tensor(5.0)) + torch.exp(torch.tensor(0.0)) + torch.exp(torch.tensor(-5.0))))
+    torch.testing.assert_close(queue_nce(q, k, queue, 0.2), want)
+
+
+def test_mocov2_momentum_queue_and_lrc_on_top():
+    from medssl_scale.objectives.compose import Composite
+
+    torch.manual_seed(0)
+    model = {"name": "unet", "channels": [4, 8, 16], "norm": "instance"}
+    host = build_objective("mocov2", model=model, dim=8, queue_size=6, momentum=0.9)
+    comp = Composite([("mocov2", 1.0, host), ("lrc", 0.5, build_objective("lrc", regions=4, min_voxels=2))])
+    x = torch.rand(2, 1, 16, 16, 16)
+    regions = (torch.arange(16 ** 3).view(1, 1, 16, 16, 16) // 256).repeat(2, 1, 1, 1, 1).int()
+    batch = {"view1": x, "view2": x.flip(-1), "regions1": regions, "regions2": regions.flip(-1)}
+    key_before = [p.clone() for p in host.key_net.parameters()]
+    queue_before = host.queue.clone()
+    out = comp(batch, step=1)
+    assert out["mocov2.nce"] > 0 and out["lrc.region_nce"] > 0
+    out["loss"].backward()
+    trained = [p for n, p in host.net.named_parameters() if not n.startswith("out.")]  # the U-Net's output conv is not used
+    assert all(p.grad is not None for p in trained) and all(p.grad is None for p in host.key_net.parameters())
+    # k <- 0.9 k + 0.1 q, once per step: a second micro-batch of the same step does not move it again.
+    for kb, k, q in zip(key_before, host.key_net.parameters(), host.net.parameters()):
+        torch.testing.assert_close(k, 0.9 * kb + 0.1 * q.detach())
+    moved = [p.clone() for p in host.key_net.parameters()]
+    comp(batch, step=1)
+    assert all(torch.equal(a, b) for a, b in zip(moved, host.key_net.parameters()))
+    # Both views' keys (2 x 2) entered the queue after the first batch, at its start; the pointer wraps around.
+    assert int(host.queue_ptr) == (4 + 4) % 6
+    assert not torch.equal(host.queue[:4], queue_before[:4])
+    torch.testing.assert_close(host.queue.norm(dim=1), torch.ones(6))
+    state = host.state_dict()
+    assert {"queue", "queue_ptr", "key_step"} <= set(state) and any(k.startswith("key_net.") for k in state)  # resumable
+
+
 def test_composition_is_checked_when_the_config_loads():
     from medssl_scale.train.config import load_run_config
 
+    for override, message in (("deepspeed.precision=bf16", "use deepspeed.precision: fp32"), ("deepspeed.zero_stage=3", "zero_stage 0, 1 or 2"),
+                              ("data.views.kind=pcrl", "set data.views.kind: pair")):
+        with pytest.raises(ValueError, match=message):
+            load_run_config(ROOT / "configs" / "lrc" / "moco-tiny.yaml", [override])
     with pytest.raises(ValueError, match="lrc is added on top of another objective"):
         load_run_config(TINY["lrc"], ["objectives={lrc: 1.0}"])
     with pytest.raises(ValueError, match="set data.views.superpixels"):
@@ -306,7 +353,7 @@ def _best_recovery_error(inputs: torch.Tensor, target: torch.Tensor, hidden: tor
 
 # -- every objective: 2 ranks, loss goes down, the encoder is published and pulled ----------------
 
-@pytest.mark.parametrize("name", ["dae", "pcrlv2", "lrc", "mixcl", "reprec"])
+@pytest.mark.parametrize("name", ["dae", "pcrlv2", "lrc", "lrc-moco", "mixcl", "reprec"])
 def test_objective_trains_on_two_ranks_and_publishes(name, dataset, tmp_path):
     from medssl_scale.registry import load_encoder
     from medssl_scale.registry.publish import publish
@@ -319,11 +366,14 @@ def test_objective_trains_on_two_ranks_and_publishes(name, dataset, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run_dir = next((tmp_path / "runs").glob(f"{name}-*"))
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 30
-    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8, losses
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    if name == "lrc-moco":  # MoCo's loss first rises: the queue's random negatives give way to real keys (towards log K)
+        assert max(losses) < 2 * math.log(64 + 1) + 2
+    else:
+        assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8, losses
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
     mv = publish((run_dir / "mlflow_run_id").read_text().strip(), f"{name}-encoder", alias="champion", tracking_uri=uri)
-    assert mv.tags["medssl.objective"] == ("pcrlv2+lrc" if name == "lrc" else name)
+    assert mv.tags["medssl.objective"] == {"lrc": "pcrlv2+lrc", "lrc-moco": "mocov2+lrc"}.get(name, name)
     if name == "reprec":
         assert mv.tags["medssl.components"] == "cnn,embed,transformer"
     enc = load_encoder(f"models:/{name}-encoder@champion", tracking_uri=uri)

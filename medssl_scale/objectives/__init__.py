@@ -17,4 +17,4 @@ register_objective = OBJECTIVES.register
 build_objective = OBJECTIVES.build
 objective_names = OBJECTIVES.names
 
-from medssl_scale.objectives import dae, lrc, mixcl, pcrlv2, reprec  # noqa: E402,F401  (register their objectives)
+from medssl_scale.objectives import dae, lrc, mixcl, moco, pcrlv2, reprec  # noqa: E402,F401  (register their objectives)

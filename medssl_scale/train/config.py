@@ -190,6 +190,15 @@ class RunConfig(_Strict):
             raise ValueError("data.views.superpixels are computed for objectives.lrc only: drop them (they cost loader time)")
         if any(n in self.objectives for n in ("pcrlv2",)) and self.data.batch_size < 2:
             raise ValueError("pcrlv2's projectors use BatchNorm over the micro-batch: data.batch_size must be at least 2")
+        if "mocov2" in self.objectives:
+            if self.data.views.kind != "pair":
+                raise ValueError("objectives.mocov2 compares two views of each crop: set data.views.kind: pair")
+            if self.deepspeed.precision != "fp32":
+                raise ValueError("objectives.mocov2 averages its key network in the parameters' precision: "
+                                 "use deepspeed.precision: fp32 (in bf16 the momentum update rounds away)")
+            if self.deepspeed.zero_stage == 3:
+                raise ValueError("objectives.mocov2 needs whole parameters on every rank for its momentum average: "
+                                 "use deepspeed.zero_stage 0, 1 or 2")
         for name, _, settings in specs:
             try:
                 OBJECTIVES.check(name, **self.objective_args(name, settings))

@@ -145,7 +145,8 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    optimizer = _optimizer(cfg, objective.parameters())
+    # Only what trains: a momentum network (mocov2's keys) follows its own rule and takes no optimizer state.
+    optimizer = _optimizer(cfg, [p for p in objective.parameters() if p.requires_grad])
     scheduler = warmup_cosine(optimizer, cfg.steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
     memory = memory_report(engine, optimizer)  # None unless MEDSSL_MEMORY_REPORT names a directory (bench/train_step.py)
