@@ -16,7 +16,7 @@ from ports import free_port
 from sample_data import training_dataset
 
 from medssl_scale.train.config import load_run_config
-from medssl_scale.train.schedule import lr_factor
+from medssl_scale.schedule import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "dae" / "tiny.yaml"

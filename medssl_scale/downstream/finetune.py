@@ -204,7 +204,7 @@ def train_one(cfg: FinetuneConfig, split: Split, volumes: _Volumes, encoder: nn.
     from monai.losses import DiceCELoss
 
     from medssl_scale.downstream.model import SegmentationNet
-    from medssl_scale.train.schedule import warmup_cosine
+    from medssl_scale.schedule import warmup_cosine
 
     torch.manual_seed(seed)
     dev = _device()
@@ -260,7 +260,7 @@ def run(cfg: FinetuneConfig, console: Any = None) -> dict[str, Any]:
     from medssl_scale.data.catalog import Catalog
     from medssl_scale.models import build_encoder
     from medssl_scale.registry import load_encoder
-    from medssl_scale.train.tracking import redact, tracking_uri
+    from medssl_scale.mlflow_access import redact, tracking_uri
 
     console = console or Console()
     workdir = Path(cfg.workdir)

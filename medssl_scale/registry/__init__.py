@@ -58,7 +58,7 @@ def fetch(uri: str | Path, tracking_uri: str | None = None) -> tuple[dict[str, b
     import mlflow
 
     from medssl_scale.registry.publish import client, recorded_hashes
-    from medssl_scale.train.tracking import redact
+    from medssl_scale.mlflow_access import redact
 
     c = client(tracking_uri)
     name = m["name"]

@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_uri(args: argparse.Namespace) -> str:
-    from medssl_scale.train.tracking import tracking_uri
+    from medssl_scale.mlflow_access import tracking_uri
 
     return args.tracking_uri or tracking_uri(args.workdir)
 
@@ -54,7 +54,7 @@ def _publish(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from medssl_scale.registry.publish import publish
-    from medssl_scale.train.tracking import redact
+    from medssl_scale.mlflow_access import redact
 
     uri = resolve_uri(args)
     try:
@@ -95,7 +95,7 @@ def _list(args: argparse.Namespace) -> int:
     from medssl_scale.registry.publish import listing
 
     rows = listing(resolve_uri(args), args.name)
-    from medssl_scale.train.tracking import redact
+    from medssl_scale.mlflow_access import redact
 
     t = Table(title=f"registered encoders ({redact(resolve_uri(args))})")
     for col in ("name", "version", "aliases", "objective", "architecture", "source run", "dataset manifest", "created"):

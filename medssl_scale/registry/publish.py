@@ -46,7 +46,7 @@ def publish(run_id: str, name: str, alias: str | None = None, tracking_uri: str 
     from medssl_scale.objectives.compose import build_run_objective
     from medssl_scale.train.checkpoint import fp32_state_dict
     from medssl_scale.train.config import RunConfig
-    from medssl_scale.train.tracking import redact
+    from medssl_scale.mlflow_access import redact
 
     c = client(tracking_uri)
     try:

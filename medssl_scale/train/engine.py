@@ -128,7 +128,7 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict[s
     from medssl_scale.objectives.compose import build_run_objective
     from medssl_scale.train import checkpoint
     from medssl_scale.train.memory_report import memory_report
-    from medssl_scale.train.schedule import warmup_cosine
+    from medssl_scale.schedule import warmup_cosine
     from medssl_scale.train.tracking import Tracker
 
     # DeepSpeed's ZeRO calls a torch collective torch has renamed: one warning per step would bury a pod's log.

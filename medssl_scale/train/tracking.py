@@ -21,27 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medssl_scale.mlflow_access import redact, tracking_uri
 from medssl_scale.train.config import RunConfig
 
 RUN_ID_FILE = "mlflow_run_id"
 log = logging.getLogger(__name__)
 NOT_LOSSES = {"step", "lr", "samples_per_s", "data_wait", "peak_memory_mb"}  # every other per-step figure is a loss term
 MAX_PENDING = 100_000  # steps of metrics held through a tracking outage
-
-
-def tracking_uri(workdir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlruns.db').absolute()}"
-
-
-def redact(uri: str) -> str:
-    """``uri`` without a password, for anything printed or logged (database URIs carry credentials)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _same(a: float, b: float) -> bool:
