@@ -338,8 +338,10 @@ class Cropper:
         # away from its ids. With region maps, a view takes whole source slices (the nearest to each of its
         # slices, image and ids alike) and resizes only in plane; only those slices are segmented.
         z_nearest = vc.superpixels is not None
-        need = {b[0][0] - u[0][0] + z for b in (b1, b2) for z in _nearest_slices(b[1][0], vc.global_out[0])}
-        regions = self._regions(region.numpy(), need) if z_nearest else None
+        regions = None
+        if z_nearest:
+            need = {b[0][0] - u[0][0] + z for b in (b1, b2) for z in _nearest_slices(b[1][0], vc.global_out[0])}
+            regions = self._regions(region.numpy(), need)
         locals_: list[Box] = []
         for _ in range(vc.n_local):
             size = tuple(vc.local_sizes[rng.integers(len(vc.local_sizes))])

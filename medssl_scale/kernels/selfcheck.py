@@ -43,11 +43,6 @@ def passed(op: str, device: torch.device | str) -> bool:
     return _results[key]
 
 
-def results() -> dict[tuple[str, str], bool]:
-    """The checks made so far: (op, device) -> passed."""
-    return dict(_results)
-
-
 def forget() -> None:
     """Drop every result, so the next call checks again (after a kernel or driver change in a long-lived process)."""
     _results.clear()

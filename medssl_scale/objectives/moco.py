@@ -33,13 +33,12 @@ import copy
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
 from medssl_scale.objectives import register_objective
-from medssl_scale.objectives.losses import projection_head
+from medssl_scale.objectives.losses import gather_from_ranks, projection_head
 from medssl_scale.objectives.settings import ObjectiveConfig
 
 
@@ -52,15 +51,6 @@ class MoCoConfig(ObjectiveConfig):
     queue_size: int = Field(65536, ge=1)  # [code] K
     momentum: float = Field(0.999, ge=0, lt=1)  # [code] m
     temperature: float = Field(0.2, gt=0)  # [code] MoCo v2's T
-
-
-def _gathered(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``t``, in rank order (no gradient: keys only)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 def queue_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -106,7 +96,7 @@ class MoCoV2(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
-        keys = _gathered(keys)
+        (keys,) = gather_from_ranks(keys)  # every rank's keys, in rank order, as MoCo's concat_all_gather
         n, size = keys.shape[0], self.queue.shape[0]
         idx = (int(self.queue_ptr) + torch.arange(n, device=keys.device)) % size
         self.queue[idx[-size:]] = keys[-size:].to(self.queue.dtype)

@@ -75,10 +75,6 @@ class _Level(nn.Module):
         return self.projector(f.mean(dim=(2, 3, 4)))
 
 
-def _edges(patch: int | tuple[int, ...]) -> tuple[int, ...]:
-    return (patch,) if isinstance(patch, int) else tuple(patch)
-
-
 def symmetric_cosine(p1: torch.Tensor, z1: torch.Tensor, p2: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """SimSiam's symmetric loss: ``-1/2 [cos(p1, sg(z2)) + cos(p2, sg(z1))]``, averaged over the batch."""
     return -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=-1).mean() + F.cosine_similarity(p2, z1.detach(), dim=-1).mean())
@@ -123,7 +119,7 @@ class PCRLv2(nn.Module):
         base = seed % 2**31  # MONAI's random states take 32-bit seeds
         x = torch.stack([self._blur_and_noise(crop, base + 7 * i) for i, crop in enumerate(x)])
         x = kernels.gamma(x, cfg.gamma_log_range, seed + 2)  # torchio's sign-keeping power; MONAI's contrast rescales first
-        if swap and cfg.swap_count and min(_edges(cfg.swap_patch)) > 0:
+        if swap:  # a no-op with swap_count 0 or an empty patch
             x = kernels.patch_swap(x, cfg.swap_patch, cfg.swap_count, seed + 1)
         if cfg.znorm:
             x = torch.stack([self._znorm(crop) for crop in x])
@@ -146,8 +142,6 @@ class PCRLv2(nn.Module):
     def follow_disruption(self, t: torch.Tensor, step: int, rank: int, micro: int, view: int) -> torch.Tensor:
         """Move ``t`` (e.g. region ids, [B, 1, *S] float) the way view ``view``'s patch swaps moved its voxels."""
         cfg = self.cfg
-        if not cfg.swap_count or min(_edges(cfg.swap_patch)) == 0:
-            return t
         return kernels.patch_swap(t, cfg.swap_patch, cfg.swap_count, step_seed(cfg.seed, step, rank, f"global{view - 1}", micro) + 1)
 
     def level(self, step: int, rank: int, micro: int) -> int:
